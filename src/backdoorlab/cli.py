@@ -1,0 +1,232 @@
+"""The ``backdoorlab`` command line (typer).
+
+Results go to stdout (a table, or one JSON object with ``--json``); logs and progress go to
+stderr. Bad input prints one ``error: ...`` line and exits with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from backdoorlab.errors import BackdoorLabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Attack and defend image classifiers against backdoor data poisoning.")
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
+
+def handles_errors(fn):
+    """Turn :class:`BackdoorLabError` into one line on stderr and exit code 2 (no traceback)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BackdoorLabError as exc:
+            err.print(f"[bold red]error:[/bold red] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+StoreOpt = typer.Option(None, "--store", help="results folder (default ./backdoorlab-runs or $BACKDOORLAB_HOME)")
+JsonOpt = typer.Option(False, "--json", help="print one JSON object on stdout")
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False)], force=True)
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def _print_json(obj: dict) -> None:
+    sys.stdout.write(json.dumps(_clean(obj), sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+class _Progress:
+    """Training progress bar on stderr (silent when stderr is not a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and err.is_terminal
+        self.bar = None
+        self.task = None
+
+    def __call__(self, event: str, **info: Any) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        if event == "train_start":
+            self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                                TimeRemainingColumn(), console=err, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("", total=info["total_steps"])
+        elif event == "step" and self.bar is not None:
+            self.bar.update(self.task, completed=info["step"], description=f"epoch {info['epoch'] + 1}")
+        elif event == "epoch_end" and self.bar is not None:
+            s = info["stats"]
+            if s.epoch == getattr(self, "_epochs", -1):
+                pass
+            self.bar.console.log(f"epoch {s.epoch}: loss {s.loss:.4f}, train acc {s.train_accuracy:.4f}, "
+                                 f"{s.images_per_second:.0f} img/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@app.command()
+@handles_errors
+def run(
+    config: Optional[Path] = typer.Argument(None, help="experiment YAML (default: BadNets on the embedded mnist5k)"),
+    set_: List[str] = typer.Option([], "--set", help="override a config key, e.g. --set attack.target=1 (repeatable)"),
+    store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log each stage to stderr"),
+) -> None:
+    """Poison a data set, train a victim, report clean accuracy (CA) and attack success rate (ASR)."""
+    from backdoorlab.config import load_config
+    from backdoorlab.experiment import run as run_experiment
+    from backdoorlab.store import Store
+
+    _setup_logging(verbose)
+    cfg = load_config(config, set_)
+    st = Store(store)
+    progress = _Progress(enabled=True)
+    try:
+        rec = run_experiment(cfg, st, callbacks=(progress,))
+    finally:
+        progress.close()
+    m = rec.metrics
+    result = {"run_id": rec.run_id, "name": rec.name, "clean_accuracy": m.get("clean_accuracy"),
+              "attack_success_rate": m.get("attack_success_rate"), "robust_accuracy": m.get("robust_accuracy"),
+              "poison_count": m.get("poison_count"), "seconds": round(rec.seconds, 3),
+              "victim_from_cache": bool(m.get("victim_from_cache")), "run_dir": rec.run_dir}
+    if as_json:
+        _print_json(result)
+        return
+    t = Table(title=f"run {rec.run_id} ({cfg.data.name}, {cfg.model.name}, "
+                    f"{cfg.attack.name + ' ' + cfg.attack.mode if cfg.attack else 'no attack'})")
+    for col in ("CA", "ASR", "RA", "poisoned", "seconds"):
+        t.add_column(col, justify="right")
+    t.add_row(*(_fmt(v) if v is not None else "-" for v in (
+        result["clean_accuracy"], result["attack_success_rate"], result["robust_accuracy"],
+        int(result["poison_count"]) if result["poison_count"] is not None else None, result["seconds"])))
+    out.print(t)
+    out.print(f"run folder: {rec.run_dir}" + ("  (victim reused from cache)" if result["victim_from_cache"] else ""))
+
+
+@app.command("list")
+@handles_errors
+def list_(as_json: bool = JsonOpt) -> None:
+    """List the registered data sets, models and attacks."""
+    from backdoorlab.attacks import ATTACKS
+    from backdoorlab.data import DATASETS
+    from backdoorlab.models import MODELS
+
+    regs = {"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS}
+    try:
+        from backdoorlab.defenses import DEFENSES
+
+        regs["defenses"] = DEFENSES
+    except ImportError:
+        pass
+    if as_json:
+        _print_json({k: {e.name: {"description": e.description, "parameters": [p for p in r.parameters(e.name)
+                                                                                 if p not in ("num_classes", "input_shape")]}
+                         for e in r} for k, r in regs.items()})
+        return
+    for kind, reg in regs.items():
+        t = Table(title=kind, title_justify="left", show_header=False)
+        t.add_column("name", style="bold")
+        t.add_column("description")
+        for e in reg:
+            t.add_row(e.name, e.description)
+        out.print(t)
+
+
+@app.command()
+@handles_errors
+def runs(store: Optional[Path] = StoreOpt, as_json: bool = JsonOpt,
+         limit: int = typer.Option(50, help="show at most this many (newest first)")) -> None:
+    """List stored runs."""
+    from backdoorlab.store import Store
+
+    recs = Store(store).runs(limit=limit)
+    if as_json:
+        _print_json({"runs": [r.summary() for r in recs]})
+        return
+    t = Table(title=f"{len(recs)} run(s)")
+    for col in ("run id", "name", "created", "CA", "ASR", "seconds"):
+        t.add_column(col)
+    for r in recs:
+        s = r.summary()
+        t.add_row(r.run_id, r.name, s["created"], _fmt(r.metrics.get("clean_accuracy", "-")),
+                  _fmt(r.metrics.get("attack_success_rate", "-")), _fmt(r.seconds))
+    out.print(t)
+
+
+@app.command()
+@handles_errors
+def show(run_id: str = typer.Argument(..., help="a run id or a unique prefix"), store: Optional[Path] = StoreOpt,
+         as_json: bool = JsonOpt) -> None:
+    """Show one stored run: config, metrics and artifacts."""
+    from backdoorlab.store import Store
+
+    rec = Store(store).get(run_id)
+    if as_json:
+        _print_json({**rec.summary(), "config": rec.config, "metrics": rec.metrics, "artifacts": rec.artifacts})
+        return
+    out.print(f"[bold]run {rec.run_id}[/bold]  {rec.name}  ({rec.status}, {rec.seconds:.1f} s)  {rec.run_dir}")
+    t = Table(title="metrics", title_justify="left")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in rec.metrics.items():
+        t.add_row(k, _fmt(v))
+    out.print(t)
+    t = Table(title="artifacts", title_justify="left")
+    t.add_column("kind")
+    t.add_column("path")
+    for k, v in rec.artifacts.items():
+        t.add_row(k, str(Path(rec.run_dir) / v))
+    out.print(t)
+    import yaml
+
+    out.print("config:")
+    out.print(yaml.safe_dump(rec.config, sort_keys=False), markup=False)
+
+
+def main() -> None:
+    """Entry point of the ``backdoorlab`` script."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing half-written was kept")
+        sys.exit(130)

@@ -1,0 +1,186 @@
+"""The one orchestrator: ``run(cfg, store) -> RunRecord``.
+
+Stages (each timed): load and split the data, poison the training set and build the triggered
+test set, train the victim (or reuse the cached one with the same data/attack/model/training/seed),
+evaluate CA, ASR and robust accuracy, write the run folder (config, metrics, weights, figures)
+and index it in the store. Only this module and the CLI write files.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from backdoorlab import metrics as M
+from backdoorlab.config import ExperimentConfig, dump_config
+from backdoorlab.errors import BackdoorLabError
+from backdoorlab.store import RunRecord, Store, atomic_write_bytes, atomic_write_json, atomic_write_text, new_run_id
+from backdoorlab.types import ImageSet, PoisonedSet, Splits
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[..., None]
+
+
+@dataclass
+class Prepared:
+    """Data and attack of an experiment, before training."""
+
+    splits: Splits
+    train_set: ImageSet  # poisoned (a PoisonedSet) when there is an attack
+    triggered_test: PoisonedSet | None
+    attack: Any | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def setup_torch(cfg: ExperimentConfig) -> torch.device:
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError as exc:
+        raise BackdoorLabError(f"device: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackdoorLabError("device: 'cuda' asked for but no GPU is available; use device: cpu")
+    return device
+
+
+def load_splits(cfg: ExperimentConfig) -> Splits:
+    from backdoorlab.data import load_source, make_splits
+    from backdoorlab.data.sources import DATASETS
+
+    raw = DATASETS.build(cfg.data.name, cfg.data.extras(), where="data")
+    return make_splits(raw.train, raw.test, seed=cfg.seed, test_fraction=cfg.data.test_fraction,
+                       holdout_fraction=cfg.data.holdout_fraction, train_size=cfg.data.train_size,
+                       test_size=cfg.data.test_size)
+
+
+def prepare(cfg: ExperimentConfig) -> Prepared:
+    """Load, split and poison (no training)."""
+    from backdoorlab.attacks import ATTACKS, poison, poison_test
+
+    t = {}
+    t0 = time.perf_counter()
+    splits = load_splits(cfg)
+    t["data"] = time.perf_counter() - t0
+    if cfg.attack is None:
+        return Prepared(splits, splits.train, None, None, t)
+    t0 = time.perf_counter()
+    a = cfg.attack
+    attack = ATTACKS.build(a.name, a.extras(), where="attack")
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    poisoned = poison(splits.train, attack, rate=a.rate, target=a.target, source=a.source, mode=a.mode, generator=g)
+    triggered = poison_test(splits.test, attack, target=a.target, source=a.source, mode=a.mode,
+                            generator=torch.Generator().manual_seed(cfg.seed + 2))
+    t["poison"] = time.perf_counter() - t0
+    return Prepared(splits, poisoned, triggered, attack, t)
+
+
+def train_victim(cfg: ExperimentConfig, prep: Prepared, store: Store | None, callbacks=()) -> tuple[torch.nn.Module, dict, bool]:
+    """Train (or load from the cache) the victim. Returns (model, history dict, from_cache)."""
+    from backdoorlab.models import ModelSpec, build_model, load_model, save_model
+    from backdoorlab.train import train
+
+    device = setup_torch(cfg)
+    data = prep.train_set
+    spec = ModelSpec(cfg.model.name, data.num_classes, data.shape, cfg.model.extras())
+    key = cfg.victim_key()
+    cache = store.cache_path(key) if (store is not None and cfg.cache) else None
+    if cache is not None and cache.is_file():
+        try:
+            model = load_model(cache, num_classes=data.num_classes, input_shape=data.shape).to(device)
+            hist_path = cache.with_suffix(".history.json")
+            import json
+
+            hist = json.loads(hist_path.read_text()) if hist_path.is_file() else {}
+            log.info("reusing cached victim %s", key)
+            return model, hist, True
+        except BackdoorLabError as exc:
+            log.warning("ignoring unreadable cached victim %s: %s", cache, exc)
+    model = build_model(spec).to(device)
+    training_set = data.without_ground_truth() if isinstance(data, PoisonedSet) else data
+    history = train(model, training_set, cfg.train, seed=cfg.seed, callbacks=tuple(callbacks)).as_dict()
+    if cache is not None:
+        save_model(model, cache)
+        atomic_write_json(cache.with_suffix(".history.json"), history)
+    return model, history, False
+
+
+def evaluate_victim(model: torch.nn.Module, prep: Prepared, batch_size: int = 1024) -> dict[str, float]:
+    from backdoorlab.train import predict
+
+    out: dict[str, float] = {}
+    test = prep.splits.test
+    out["clean_accuracy"] = M.clean_accuracy(predict(model, test, batch_size), test.y)
+    if prep.triggered_test is not None:
+        trig = prep.triggered_test
+        pred = predict(model, trig, batch_size)
+        out["attack_success_rate"] = M.attack_success_rate(pred, trig.y)
+        out["robust_accuracy"] = M.robust_accuracy(pred, trig.y_source)
+    if isinstance(prep.train_set, PoisonedSet):
+        out["poison_count"] = float(prep.train_set.is_poison.sum())
+        out["poison_fraction"] = float(prep.train_set.is_poison.float().mean())
+    out["train_size"] = float(len(prep.train_set))
+    out["test_size"] = float(len(test))
+    out["holdout_size"] = float(len(prep.splits.holdout))
+    return out
+
+
+def _sample_figure(prep: Prepared) -> bytes | None:
+    from backdoorlab.plots import sample_grid
+
+    p = prep.train_set
+    if not isinstance(p, PoisonedSet) or not bool(p.is_poison.any()):
+        return None
+    idx = torch.nonzero(p.is_poison).flatten()
+    idx = idx[torch.linspace(0, idx.numel() - 1, min(8, idx.numel())).round().long()]  # spread over classes
+    clean = prep.splits.train.x[idx]
+    return sample_grid(clean, p.x[idx], prep.splits.train.y[idx].tolist(), p.y[idx].tolist(),
+                       p.class_names, title=prep.attack.describe() if prep.attack is not None else "")
+
+
+def run(cfg: ExperimentConfig, store: Store, *, callbacks: tuple[Callback, ...] = ()) -> RunRecord:
+    """Run one experiment end to end and store it (atomically). Returns the stored record."""
+    from backdoorlab.models import save_model
+    from backdoorlab.plots import training_curves
+
+    t_start = time.perf_counter()
+    created = time.time()
+    setup_torch(cfg)
+    prep = prepare(cfg)
+    timings = dict(prep.timings)
+    t0 = time.perf_counter()
+    model, history, cached = train_victim(cfg, prep, store, callbacks)
+    timings["train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results = evaluate_victim(model, prep, cfg.train.eval_batch_size)
+    timings["evaluate"] = time.perf_counter() - t0
+    run_id = new_run_id(cfg.name)
+    with store.new_run(run_id) as tmp:
+        artifacts: dict[str, str] = {}
+        atomic_write_text(tmp / "config.yaml", dump_config(cfg))
+        artifacts["config"] = "config.yaml"
+        save_model(model, tmp / "weights.safetensors")
+        atomic_write_text(tmp / "model.json", model.spec.to_json() + "\n")
+        artifacts["weights"] = "weights.safetensors"
+        atomic_write_json(tmp / "history.json", history)
+        fig = _sample_figure(prep)
+        if fig is not None:
+            atomic_write_bytes(tmp / "figures" / "samples.png", fig)
+            artifacts["figure:samples"] = "figures/samples.png"
+        if history.get("epochs"):
+            atomic_write_bytes(tmp / "figures" / "training.png", training_curves(history["epochs"], cfg.name))
+            artifacts["figure:training"] = "figures/training.png"
+        seconds = time.perf_counter() - t_start
+        metrics = {**results, **{f"seconds_{k}": v for k, v in timings.items()}, "victim_from_cache": float(cached)}
+        atomic_write_json(tmp / "metrics.json", {**metrics, "seconds": seconds})
+        artifacts["metrics"] = "metrics.json"
+        record = RunRecord(run_id=run_id, name=cfg.name, kind="experiment", created=created, status="done",
+                           seconds=seconds, config=cfg.model_dump(mode="json"), metrics=metrics,
+                           artifacts=artifacts, victim_key=cfg.victim_key())
+        return store.commit(record, tmp)

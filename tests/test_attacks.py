@@ -1,0 +1,126 @@
+"""Registry-driven conformance tests for every registered data-poisoning attack, plus BadNets specifics."""
+
+import pytest
+import torch
+
+from backdoorlab.attacks import ATTACKS, poison, poison_test
+from backdoorlab.attacks.base import Attack
+from backdoorlab.errors import BackdoorLabError
+
+# parameter sets per attack for the conformance test; every registered attack must appear here
+CASES = {
+    "badnets": [{}, {"shape": "ball", "size": 5}, {"shape": "chessboard", "value": 0.1},
+                {"position": "random", "size": 2}, {"position": (1, 2), "size": 4, "value": 0.5}],
+}
+
+
+def all_cases():
+    for name in ATTACKS.names():
+        for params in CASES.get(name, [None]):
+            yield pytest.param(name, params, id=f"{name}-{params}")
+
+
+@pytest.mark.parametrize("name,params", list(all_cases()))
+@pytest.mark.parametrize("mode", ["all-to-one", "source-specific", "all-to-all", "clean-label"])
+def test_conformance(name, params, mode, tiny):
+    assert params is not None, f"attack {name!r} has no conformance parameters in CASES"
+    attack = ATTACKS.create(name, **params)
+    assert isinstance(attack, Attack)
+    if mode not in attack.modes:
+        pytest.skip(f"{name} does not support {mode}")
+    source = 1 if mode == "source-specific" else None
+    kw = dict(rate=0.25, target=2, source=source, mode=mode)
+    p1 = poison(tiny, attack, generator=torch.Generator().manual_seed(3), **kw)
+    p2 = poison(tiny, attack, generator=torch.Generator().manual_seed(3), **kw)
+    # shape, dtype, determinism
+    assert p1.x.shape == tiny.x.shape and p1.x.dtype == torch.uint8
+    assert torch.equal(p1.x, p2.x) and torch.equal(p1.y, p2.y) and torch.equal(p1.is_poison, p2.is_poison)
+    # the input is untouched
+    assert not torch.equal(p1.x, tiny.x) or params.get("value") == 0
+    # exactly the requested number of eligible samples poisoned
+    eligible = {"all-to-one": tiny.y != 2, "source-specific": tiny.y == 1,
+                "all-to-all": torch.ones_like(tiny.y, dtype=torch.bool), "clean-label": tiny.y == 2}[mode]
+    assert int(p1.is_poison.sum()) == round(0.25 * int(eligible.sum()))
+    assert bool((p1.is_poison & ~eligible).sum() == 0)
+    # ground truth consistent: y_source is the original label; only poisoned samples change
+    assert torch.equal(p1.y_source, tiny.y)
+    assert torch.equal(p1.x[~p1.is_poison], tiny.x[~p1.is_poison])
+    assert torch.equal(p1.y[~p1.is_poison], tiny.y[~p1.is_poison])
+    expected = {"all-to-one": torch.full_like(tiny.y, 2), "source-specific": torch.full_like(tiny.y, 2),
+                "all-to-all": (tiny.y + 1) % 3, "clean-label": tiny.y}[mode]
+    assert torch.equal(p1.y[p1.is_poison], expected[p1.is_poison])
+    # the trigger keeps the value range and shape on float input, and does not modify it
+    xf = tiny.float_batch(slice(0, 8))
+    before = xf.clone()
+    out = attack.apply_trigger(xf, torch.Generator().manual_seed(0))
+    assert out.shape == xf.shape and out.dtype == xf.dtype
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert torch.equal(xf, before)
+    # the triggered test set
+    t = poison_test(tiny, attack, target=2, source=source, mode=mode)
+    if mode == "source-specific":
+        assert torch.all(t.y_source == 1)
+    elif mode == "all-to-all":
+        assert len(t) == len(tiny) and torch.equal(t.y, (t.y_source + 1) % 3)
+    else:
+        assert torch.all(t.y_source != 2) and torch.all(t.y == 2)
+
+
+def test_square_patch_lands_in_the_corner():
+    a = ATTACKS.create("badnets", size=2, value=1.0)
+    x = torch.zeros(2, 1, 28, 28)
+    out = a.apply_trigger(x)
+    assert out[:, :, 26:, 26:].eq(1).all() and out.sum() == 2 * 4
+    a = ATTACKS.create("badnets", size=3, position="top-left", margin=1, value=0.5)
+    out = a.apply_trigger(torch.zeros(1, 3, 10, 10))
+    assert out[0, :, 1:4, 1:4].eq(0.5).all() and out.sum() == pytest.approx(0.5 * 27)
+
+
+def test_random_positions_differ_per_image_and_fit():
+    a = ATTACKS.create("badnets", size=3, position="random")
+    out = a.apply_trigger(torch.zeros(64, 1, 12, 12), torch.Generator().manual_seed(0))
+    assert torch.all(out.sum((1, 2, 3)) == 9)  # whole patch inside every image
+    where = out.flatten(1).argmax(1)
+    assert where.unique().numel() > 10
+
+
+def test_chessboard_is_global_and_additive():
+    a = ATTACKS.create("badnets", shape="chessboard", value=0.1)
+    x = torch.full((1, 1, 4, 4), 0.5)
+    out = a.apply_trigger(x)
+    assert torch.allclose(out[0, 0], 0.5 + 0.1 * torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1]] * 2, dtype=torch.float))
+
+
+def test_image_trigger_resized(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "t.npy", np.full((5, 5), 255, dtype=np.uint8))
+    a = ATTACKS.create("badnets", shape="image", image=str(tmp_path / "t.npy"), size=3)
+    out = a.apply_trigger(torch.zeros(1, 1, 8, 8))
+    assert out[0, 0, 5:, 5:].eq(1).all() and out.sum() == 9
+    with pytest.raises(BackdoorLabError, match="not found"):
+        ATTACKS.create("badnets", shape="image", image=str(tmp_path / "missing.png"))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(rate=0.0), r"rate must lie in \(0, 1\]"),
+    (dict(rate=1.5), r"rate must lie in \(0, 1\]"),
+    (dict(target=7), "not a class"),
+    (dict(mode="source-specific", source=None), "needs attack.source"),
+    (dict(mode="source-specific", source=2), "both 2"),
+    (dict(mode="sideways"), "unknown poisoning mode"),
+])
+def test_bad_threat_models(tiny, kw, match):
+    args = dict(rate=0.1, target=2, source=None, mode="all-to-one") | kw
+    with pytest.raises(BackdoorLabError, match=match):
+        poison(tiny, ATTACKS.create("badnets"), **args)
+
+
+def test_patch_too_large_and_empty_source(tiny):
+    with pytest.raises(BackdoorLabError, match="does not fit"):
+        poison(tiny, ATTACKS.create("badnets", size=13), rate=0.1, target=0)
+    from backdoorlab.types import ImageSet
+
+    no_ones = ImageSet(tiny.x[tiny.y != 1], tiny.y[tiny.y != 1], 3)
+    with pytest.raises(BackdoorLabError, match="source class 1"):
+        poison(no_ones, ATTACKS.create("badnets"), rate=0.1, target=0, source=1, mode="source-specific")
