@@ -47,7 +47,7 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     cols = (left[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
     bi = torch.arange(b)[:, None, None]
     out = padded[bi, :, rows, cols]  # (B, H, W, C): advanced dims first
-    return out.permute(0, 3, 1, 2).contiguous()
+    return out.permute(0, 3, 1, 2)  # (B, C, H, W) view in channels_last layout: what the models train in
 
 
 class TensorLoader:
