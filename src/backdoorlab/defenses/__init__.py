@@ -1,0 +1,12 @@
+"""Defenses: the five families and the registry :data:`DEFENSES`."""
+
+from backdoorlab.defenses.base import (
+    DEFENSES, FAMILIES, CleanseResult, Cleanser, Defense, DetectionResult, InputDetector, InspectionResult,
+    Inspector, RepairResult, Repairer, RobustTrainer, RobustTrainResult, mad_anomaly_index,
+)
+
+__all__ = [
+    "DEFENSES", "FAMILIES", "CleanseResult", "Cleanser", "Defense", "DetectionResult", "InputDetector",
+    "InspectionResult", "Inspector", "RepairResult", "Repairer", "RobustTrainResult", "RobustTrainer",
+    "mad_anomaly_index",
+]
