@@ -1,5 +1,7 @@
 """Defenses: the five families and the registry :data:`DEFENSES`."""
 
+from backdoorlab.defenses import pairwise, pattern_subtraction  # noqa: F401  (register the defenses)
+
 from backdoorlab.defenses.base import (
     DEFENSES, FAMILIES, CleanseResult, Cleanser, Defense, DetectionResult, InputDetector, InspectionResult,
     Inspector, RepairResult, Repairer, RobustTrainer, RobustTrainResult, mad_anomaly_index,

@@ -1,0 +1,68 @@
+"""Helpers shared by defenses: per-class clean image selection and frozen-model evaluation."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from backdoorlab.errors import BackdoorLabError
+from backdoorlab.types import ImageSet
+
+log = logging.getLogger(__name__)
+
+
+def images_per_class(clean: ImageSet, n: int, generator: torch.Generator) -> torch.Tensor:
+    """float (K, n', C, H, W): ``n' = min(n, smallest class count)`` random clean images of each class.
+
+    Raises when a class has no clean image (naming it): a defense that reasons about every class
+    cannot do without one.
+    """
+    counts = clean.class_counts()
+    empty = [clean.class_names[c] for c in range(clean.num_classes) if int(counts[c]) == 0]
+    if empty:
+        raise BackdoorLabError(f"the clean set has no image of class(es) {', '.join(map(str, empty))}; "
+                               "give a clean set with images of every class")
+    m = min(n, int(counts.min()))
+    if m < n:
+        log.warning("using %d clean images per class (the smallest class has %d; %d asked)", m, m, n)
+    out = []
+    for c in range(clean.num_classes):
+        idx = torch.nonzero(clean.y == c).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=generator)[:m]]
+        out.append(clean.float_batch(idx))
+    return torch.stack(out)
+
+
+def check_model_matches(model: nn.Module, data: ImageSet) -> None:
+    """The model must accept the data's image shape and output one logit per class."""
+    k = getattr(model, "num_classes", None)
+    shape = getattr(model, "input_shape", None)
+    if shape is not None and tuple(shape) != tuple(data.shape):
+        raise BackdoorLabError(f"the model expects images of shape {tuple(shape)} (C,H,W) but the data has {data.shape}")
+    if k is not None and k != data.num_classes:
+        raise BackdoorLabError(f"the model has {k} outputs but the data has {data.num_classes} classes")
+
+
+@contextmanager
+def frozen(model: nn.Module):
+    """Eval mode, no parameter gradients (input gradients only); restores the previous state."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def checked_logits(logits: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(logits).all():
+        raise BackdoorLabError("the model produced NaN or infinite logits; check the model file and input range [0, 1]")
+    return logits
