@@ -223,6 +223,118 @@ def show(run_id: str = typer.Argument(..., help="a run id or a unique prefix"), 
     out.print(yaml.safe_dump(rec.config, sort_keys=False), markup=False)
 
 
+def _write_dir_atomically(final: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` (relative path -> bytes) into a temp folder and rename it to ``final``."""
+    import shutil
+    import tempfile
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        for rel, data in files.items():
+            f = tmp / rel
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(data)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@app.command()
+@handles_errors
+def audit(
+    model: Path = typer.Option(..., "--model", help="TorchScript file, or safetensors weights (backdoorlab's, or with --arch)"),
+    data: str = typer.Option(..., "--data", help="clean images: .npz (its test split if it has one), image folder, or data set name"),
+    train: Optional[str] = typer.Option(None, "--train", help="the training set to cleanse (.npz / folder): flags poisoned samples"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="architecture for plain safetensors weights (see `backdoorlab list`)"),
+    pi: float = typer.Option(0.9, "--pi", help="group misclassification fraction a pattern must reach"),
+    images_per_class: int = typer.Option(100, "--images-per-class", help="clean images per class used by the scan"),
+    statistic: str = typer.Option("min-norm", "--statistic", help="min-norm (smallest pattern; default) or seed (seed 000's)"),
+    technique: int = typer.Option(2, "--technique", help="cleansing technique of seed 000: 1 (label change) or 2 (confidence drop)"),
+    report: Optional[Path] = typer.Option(None, "--out", help="report folder (figures, flagged samples); default ./audit-<time>"),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = JsonOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Is this model backdoored? Reverse-engineer a trigger for every (source, target) pair, flag
+    outliers; with --train, find the poisoned training samples and correct their labels."""
+    import time as _time
+
+    import numpy as np
+    import torch
+
+    from backdoorlab import plots
+    from backdoorlab.defenses import DEFENSES
+    from backdoorlab.inputs import load_images, load_model_for
+
+    _setup_logging(verbose)
+    t0 = _time.perf_counter()
+    clean = load_images(data, split="auto")
+    net = load_model_for(model, clean, arch=arch)
+    insp = DEFENSES.build("pairwise", {"pi": pi, "images_per_class": images_per_class, "statistic": statistic,
+                                      "seed": seed}, where="audit")
+    res = insp.inspect(net, clean)
+    result: dict[str, Any] = {
+        "backdoored": res.backdoored, "flagged_pairs": [list(p) for p in res.flagged_pairs],
+        "flagged_targets": res.flagged_targets, "anomaly_index": res.max_anomaly, "statistic": statistic,
+        "top_pairs": [{"source": s, "target": t, "norm": n, "anomaly_index": a} for s, t, n, a in res.details["ranking"][:5]],
+    }
+    files: dict[str, bytes] = {
+        "figures/patterns.png": plots.pattern_grid(res.patterns, False, highlight=res.flagged_pairs),
+        "figures/patterns_normalised.png": plots.pattern_grid(res.patterns, True, highlight=res.flagged_pairs),
+        "figures/pair_norms.png": plots.pair_scatter(res.scores, res.flagged_pairs, ylabel=f"{insp.norm} norm of v"),
+    }
+    for s, t in res.flagged_pairs[:4]:
+        files[f"figures/pattern_{s}_to_{t}.png"] = plots.compare_images([res.patterns[s, t]], [f"estimated {s}->{t}"])
+    if train is not None:
+        tr = load_images(train, split="train")
+        if tr.shape != clean.shape or tr.num_classes != clean.num_classes:
+            raise BackdoorLabError(f"--train images {tr.shape} / {tr.num_classes} classes differ from --data "
+                                   f"{clean.shape} / {clean.num_classes} classes")
+        cl = DEFENSES.build("pattern-subtraction", {"technique": technique, "seed": seed}, where="audit")
+        c = cl.cleanse(net, tr, inspection=res)
+        flagged_idx = torch.nonzero(c.flagged).flatten()
+        result["flagged_indices"] = flagged_idx.tolist()
+        result["corrected_labels"] = c.corrected_labels[flagged_idx].tolist()
+        result["threshold"] = c.threshold
+        lines = ["index,label,corrected_label,score"] + [
+            f"{i},{int(tr.y[i])},{int(c.corrected_labels[i])},{float(c.scores[i]):.6f}" for i in flagged_idx.tolist()]
+        files["flagged.csv"] = ("\n".join(lines) + "\n").encode()
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, flagged=c.flagged.numpy(), scores=c.scores.numpy(), corrected_labels=c.corrected_labels.numpy())
+        files["cleanse.npz"] = buf.getvalue()
+        if int(c.details.get("examined", 0)):
+            files["figures/score_histogram.png"] = plots.score_histogram(
+                c.scores[c.scores != 0], c.threshold, xlabel="p(y|x) - p(y|[x - v])",
+                title="confidence drop when the estimated trigger is removed")
+    result["seconds"] = round(_time.perf_counter() - t0, 3)
+    files["audit.json"] = (json.dumps(_clean(result), indent=2, sort_keys=True) + "\n").encode()
+    folder = report or Path(f"audit-{_time.strftime('%Y%m%d-%H%M%S')}")
+    _write_dir_atomically(folder, files)
+    result["report_dir"] = str(folder)
+    if as_json:
+        _print_json(result)
+        return
+    verdict = "[bold red]BACKDOOR FOUND[/bold red]" if res.backdoored else "[bold green]no backdoor found[/bold green]"
+    out.print(f"{verdict}  (statistic {statistic}, max anomaly index {res.max_anomaly:.2f}, threshold {insp.threshold})")
+    t = Table(title="most suspicious pairs")
+    for col in ("source", "target", f"{insp.norm} norm", "anomaly index", "flagged"):
+        t.add_column(col, justify="right")
+    for s, tt, n, a in res.details["ranking"][:5]:
+        t.add_row(str(s), str(tt), f"{n:.3f}", f"{a:.2f}", "yes" if (s, tt) in res.flagged_pairs else "")
+    out.print(t)
+    if train is not None:
+        out.print(f"flagged {len(result['flagged_indices'])} training samples (see {folder / 'flagged.csv'})")
+    out.print(f"report: {folder}  ({result['seconds']:.1f} s)")
+
+
+
+
 def main() -> None:
     """Entry point of the ``backdoorlab`` script."""
     try:

@@ -17,7 +17,8 @@ from backdoorlab.types import ImageSet
 def load_images(spec: str, *, split: str = "train", image_size: int | None = None) -> ImageSet:
     """An :class:`ImageSet` from ``spec``: an ``.npz`` path, an image folder, or a registered data
     set name (``mnist5k``, ``digits``; ``name:root`` for the others). ``split`` picks ``train`` or
-    ``test`` where the source has both (an npz with x_train/x_test)."""
+    ``test`` where the source has both (an npz with x_train/x_test); ``auto`` takes the test split
+    when there is one (a defender's clean set), else the whole file."""
     from backdoorlab.data import DATASETS, load_source
 
     p = Path(spec)
@@ -32,6 +33,8 @@ def load_images(spec: str, *, split: str = "train", image_size: int | None = Non
                                    f"(known: {', '.join(DATASETS.names())})")
         params: dict[str, Any] = {"root": root} if root else {}
         raw = load_source(name, **params)
+    if split == "auto":
+        return raw.test if raw.test is not None else raw.train
     if split == "test":
         if raw.test is None:
             raise BackdoorLabError(f"{spec} has no test split (x_test/y_test); give a file with x and y")

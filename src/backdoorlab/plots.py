@@ -74,3 +74,107 @@ def training_curves(epochs: Sequence[dict], title: str = "") -> bytes:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _to_png(fig)
+
+
+def pattern_grid(patterns: torch.Tensor, normalise: bool = False, title: str = "",
+                 highlight: Sequence[tuple[int, int]] = ()) -> bytes:
+    """K x K grid of estimated patterns (K, K, C, H, W): rows = source, columns = target.
+
+    Raw: each pattern's positive part on a common [0, max] scale (seed 000 figure 2).
+    Normalised: each pattern min-max scaled on its own (seed figure 3). Flagged pairs framed red.
+    """
+    plt = _plt()
+    k = patterns.shape[0]
+    fig, axes = plt.subplots(k, k, figsize=(0.9 * k + 0.8, 0.9 * k + 0.8), squeeze=False)
+    vmax = float(patterns.clamp(min=0).max()) or 1.0
+    for s in range(k):
+        for t in range(k):
+            ax = axes[s, t]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if s == t:
+                ax.axis("off")
+                continue
+            p = patterns[s, t].float()
+            if normalise:
+                p = (p - p.min()) / (p.max() - p.min()).clamp_min(1e-12)
+            else:
+                p = p.clamp(min=0) / vmax
+            img = p[0] if p.shape[0] == 1 else p.permute(1, 2, 0)
+            ax.imshow(img.numpy(), cmap="gray" if p.shape[0] == 1 else None, vmin=0, vmax=1, interpolation="nearest")
+            if (s, t) in highlight:
+                for sp in ax.spines.values():
+                    sp.set_color("red")
+                    sp.set_linewidth(2.5)
+            if s == 0 or (s == 1 and t == 0):
+                ax.set_title(f"t={t}", fontsize=7)
+            if t == 0 or (t == 1 and s == 0):
+                ax.set_ylabel(f"s={s}", fontsize=7)
+    fig.suptitle(title or ("normalised patterns" if normalise else "estimated patterns") + " (row: source, column: target)",
+                 fontsize=9)
+    fig.tight_layout()
+    return _to_png(fig)
+
+
+def pair_scatter(scores: torch.Tensor, flagged: Sequence[tuple[int, int]] = (), ylabel: str = "d(v)",
+                 title: str = "") -> bytes:
+    """Scatter of a (K, K) per-pair statistic against the pair index (seed 000 figure 4)."""
+    plt = _plt()
+    k = scores.shape[0]
+    fig, ax = plt.subplots(figsize=(7, 3))
+    xs, ys, labels = [], [], []
+    for s in range(k):
+        for t in range(k):
+            if s != t and torch.isfinite(scores[s, t]):
+                xs.append(len(xs))
+                ys.append(float(scores[s, t]))
+                labels.append((s, t))
+    colors = ["crimson" if st in flagged else "tab:blue" for st in labels]
+    ax.scatter(xs, ys, c=colors, s=14)
+    for x, y, st in zip(xs, ys, labels):
+        if st in flagged:
+            ax.annotate(f"{st[0]}->{st[1]}", (x, y), fontsize=8, color="crimson", xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("(source, target) pair index: s*K + t order")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or "per-pair statistic (flagged in red)", fontsize=9)
+    fig.tight_layout()
+    return _to_png(fig)
+
+
+def compare_images(images: Sequence[torch.Tensor], titles: Sequence[str], title: str = "") -> bytes:
+    """A row of images (each (C, H, W) float, any range: min-max scaled), e.g. estimated vs true trigger."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(images), figsize=(2.2 * len(images), 2.4), squeeze=False)
+    for ax, img, tt in zip(axes[0], images, titles):
+        p = img.float()
+        p = (p - p.min()) / (p.max() - p.min()).clamp_min(1e-12)
+        _show(ax, p)
+        ax.set_title(tt, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _to_png(fig)
+
+
+def score_histogram(scores: torch.Tensor, threshold: float | None = None, truth: torch.Tensor | None = None,
+                    xlabel: str = "score", title: str = "", bins: int = 50) -> bytes:
+    """Histogram of per-sample scores (split by ground truth when given), with the threshold."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    s = scores.float()
+    if truth is not None:
+        ax.hist(s[~truth.bool()].numpy(), bins=bins, alpha=0.7, label="clean", log=True)
+        ax.hist(s[truth.bool()].numpy(), bins=bins, alpha=0.7, label="poisoned", log=True, color="crimson")
+        ax.legend(fontsize=8)
+    else:
+        ax.hist(s.numpy(), bins=bins, log=True)
+    if threshold is not None and threshold == threshold:
+        ax.axvline(threshold, color="black", ls="--", lw=1)
+        ax.annotate(f"threshold {threshold:.3g}", (threshold, ax.get_ylim()[1]), fontsize=8, xytext=(4, -12),
+                    textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("samples (log)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _to_png(fig)

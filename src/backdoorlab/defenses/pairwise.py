@@ -30,6 +30,7 @@ Deviations, and why (both for speed and accuracy, measured in benchmarks/bench_i
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Literal
 
@@ -62,10 +63,14 @@ class PairwiseTriggerInspector(Inspector):
     images_per_class: int = Field(100, ge=1, description="clean images per source class")
     pi: float = Field(0.9, gt=0.0, le=1.0, description="group misclassification fraction to reach")
     statistic: Literal["min-norm", "seed"] = "min-norm"
+    formulation: Literal["additive", "mask"] = Field(
+        "additive", description="min-norm: Neural Cleanse mask+pattern per pair (mask L1), or an additive v (its norm)")
     norm: Literal["l2", "l1"] = "l1"
     steps: int = Field(60, ge=1, description="min-norm: Adam steps")
-    lr: float = Field(0.05, gt=0.0, description="min-norm: Adam learning rate")
+    lr: float = Field(0.1, gt=0.0, description="min-norm: Adam learning rate")
     lam: float = Field(1e-3, gt=0.0, description="min-norm: initial weight of the norm penalty")
+    sign: Literal["both", "positive", "negative"] = Field(
+        "both", description="min-norm: allowed sign of v (positive: stamps that only brighten)")
     init_scale: float = Field(0.5, ge=0.0, le=1.0, description="min-norm: start from uniform noise in [0, init_scale]")
     opt_images: int = Field(20, ge=1, description="min-norm: images per pair used by the optimisation")
     bisection_steps: int = Field(8, ge=0)
@@ -116,13 +121,18 @@ class PairwiseTriggerInspector(Inspector):
         xo = xs[:, :n_opt]
         gen = torch.Generator().manual_seed(self.seed + 1)
         # random start: at v = 0 a trigger detector behind a ReLU may get no gradient at all
-        v = (torch.rand(p, *shape, generator=gen) * self.init_scale).requires_grad_(True)
+        v0 = torch.rand(p, *shape, generator=gen) * self.init_scale
+        v = (-v0 if self.sign == "negative" else v0).requires_grad_(True)
         opt = torch.optim.Adam([v], lr=self.lr)
         lam = torch.full((p,), self.lam)
         best = torch.zeros(p, *shape)
         best_norm = torch.full((p,), float("inf"))
         per = max(1, self.chunk // n_opt)
         for step in range(self.steps):
+            # cosine-decayed step: Adam's steps on an L1 penalty oscillate around 0 with the size of
+            # the learning rate, a noise floor over every pixel that decaying the rate removes
+            for group in opt.param_groups:
+                group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * step / self.steps))
             opt.zero_grad(set_to_none=True)
             rho = torch.empty(p)
             for s in range(0, p, per):
@@ -144,20 +154,104 @@ class PairwiseTriggerInspector(Inspector):
                 lam = torch.where(ok, lam * 1.5, lam / 1.5).clamp(1e-6, 10.0)
             opt.step()
             with torch.no_grad():
-                v.clamp_(-1, 1)
+                v.clamp_(-1.0 if self.sign != "positive" else 0.0, 1.0 if self.sign != "negative" else 0.0)
         found = torch.isfinite(best_norm)
         best[~found] = v.detach()[~found]
-        # rescale on all images: smallest multiple in (0, 2] of each pattern that reaches pi
-        lo, hi = torch.zeros(p), torch.full((p,), 2.0)
-        reach2 = self._rho(model, xs, src, tgt, best * 2.0) >= self.pi
+        best = self._sparsify(model, xs, src, tgt, best)
+        # rescale on all images: smallest multiple in (0, 1] of each pattern that reaches pi
+        lo, hi = torch.zeros(p), torch.ones(p)
+        reach2 = self._rho(model, xs, src, tgt, best) >= self.pi
         for _ in range(self.bisection_steps):
             mid = (lo + hi) / 2
             ok = self._rho(model, xs, src, tgt, best * mid[:, None, None, None]) >= self.pi
             hi = torch.where(ok, mid, hi)
             lo = torch.where(ok, lo, mid)
-        found = found & reach2
+        found = reach2
         best = torch.where(found[:, None, None, None], best * hi[:, None, None, None], best)
         return best, found, None
+
+    def _min_mask(self, model, xs, src, tgt):
+        """Neural Cleanse's formulation per pair: x' = (1 - m) x + m p, m in [0,1]^(H,W), p in
+        [0,1]^(C,H,W) (sigmoids of free parameters), loss CE(t) + lam_p * |m|_1 with the lambda
+        schedule; the statistic is |m|_1 of the smallest mask reaching pi, the pattern m * p."""
+        p_ = src.numel()
+        c, h, w = xs.shape[2:]
+        n_opt = min(self.opt_images, xs.shape[1])
+        xo = xs[:, :n_opt]
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        mp = torch.full((p_, 1, h, w), -2.0).add_(torch.randn(p_, 1, h, w, generator=gen) * 0.5).requires_grad_(True)
+        pp_ = (torch.randn(p_, c, h, w, generator=gen) * 0.5).requires_grad_(True)
+        opt = torch.optim.Adam([mp, pp_], lr=self.lr)
+        lam = torch.full((p_,), self.lam)
+        best_m = torch.zeros(p_, 1, h, w)
+        best_p = torch.zeros(p_, c, h, w)
+        best_norm = torch.full((p_,), float("inf"))
+        per = max(1, self.chunk // n_opt)
+        for step in range(self.steps):
+            for group in opt.param_groups:
+                group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * step / self.steps))
+            opt.zero_grad(set_to_none=True)
+            rho = torch.empty(p_)
+            for s in range(0, p_, per):
+                sl = slice(s, s + per)
+                m = torch.sigmoid(mp[sl])
+                pat = torch.sigmoid(pp_[sl])
+                x = (1 - m[:, None]) * xo[src[sl]] + (m * pat)[:, None]
+                k = x.shape[0]
+                logits = _forward(model, x.flatten(0, 1)).view(k, n_opt, -1)
+                t = tgt[sl]
+                rho[sl] = (logits.argmax(-1) == t[:, None]).float().mean(1).detach()
+                lt = F.log_softmax(logits, -1).gather(-1, t[:, None, None].expand(k, n_opt, 1)).squeeze(-1)
+                (-lt.mean(1) + lam[sl] * m.flatten(1).sum(1)).sum().backward()
+            with torch.no_grad():
+                m = torch.sigmoid(mp)
+                d = m.flatten(1).sum(1)
+                ok = rho >= self.pi
+                better = ok & (d < best_norm)
+                best_m[better] = m[better]
+                best_p[better] = torch.sigmoid(pp_)[better]
+                best_norm[better] = d[better]
+                lam = torch.where(ok, lam * 1.5, lam / 1.5).clamp(1e-6, 10.0)
+            opt.step()
+        found = torch.isfinite(best_norm)
+        with torch.no_grad():
+            best_m[~found] = torch.sigmoid(mp)[~found]
+            best_p[~found] = torch.sigmoid(pp_)[~found]
+        # check on all images
+        rho_all = torch.empty(p_)
+        per_all = max(1, self.chunk // xs.shape[1])
+        with torch.inference_mode():
+            for s in range(0, p_, per_all):
+                sl = slice(s, s + per_all)
+                x = (1 - best_m[sl][:, None]) * xs[src[sl]] + (best_m[sl] * best_p[sl])[:, None]
+                k = x.shape[0]
+                logits = _forward(model, x.flatten(0, 1)).view(k, xs.shape[1], -1)
+                rho_all[sl] = (logits.argmax(-1) == tgt[sl][:, None]).float().mean(1)
+        found = found & (rho_all >= self.pi)
+        return best_m * best_p, found, best_m.flatten(1).sum(1)
+
+    def _sparsify(self, model, xs, src, tgt, v: torch.Tensor) -> torch.Tensor:
+        """Keep each pattern's k largest entries (by magnitude), k the smallest that still reaches pi
+        on all images (bisection on k, forward passes only). Removes the optimiser's leftover noise,
+        so that d(v) measures what the pair really needs: a planted stamp needs a handful of pixels."""
+        p = v.shape[0]
+        flat = v.flatten(1)
+        order = flat.abs().argsort(1, descending=True)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(1, order, torch.arange(flat.shape[1]).expand_as(order))
+        lo = torch.zeros(p, dtype=torch.long)
+        hi = torch.full((p,), flat.shape[1], dtype=torch.long)
+        # the kept entries may be amplified (x2, clipped) before the final rescaling shrinks them again
+        amp = 2.0
+        if not bool((self._rho(model, xs, src, tgt, (amp * v).clamp(-1, 1)) >= self.pi).any()):
+            return v
+        while bool((hi - lo > 1).any()):
+            mid = (lo + hi) // 2
+            vk = (flat * (ranks < mid[:, None])).view_as(v)
+            ok = self._rho(model, xs, src, tgt, (amp * vk).clamp(-1, 1)) >= self.pi
+            hi = torch.where(ok & (hi - lo > 1), mid, hi)
+            lo = torch.where(~ok & (hi - lo > 1), mid, lo)
+        return (amp * flat * (ranks < hi[:, None])).view_as(v).clamp(-1, 1)
 
     def _seed(self, model, xs, src, tgt):
         p = src.numel()
@@ -188,14 +282,17 @@ class PairwiseTriggerInspector(Inspector):
         tgt = torch.tensor([t for _, t in pairs])
         t0 = time.perf_counter()
         with frozen(model):
-            if stat == "min-norm":
+            mask_norm = None
+            if stat == "min-norm" and self.formulation == "mask":
+                v, found, mask_norm = self._min_mask(model, xs, src, tgt)
+            elif stat == "min-norm":
                 v, found, _ = self._min_norm(model, xs, src, tgt)
             else:
                 v, found = self._seed(model, xs, src, tgt)
         patterns = torch.zeros(k, k, *xs.shape[2:])
         patterns[src, tgt] = v
         norms = torch.full((k, k), float("nan"))
-        norms[src, tgt] = _norm(v, self.norm)
+        norms[src, tgt] = mask_norm if mask_norm is not None else _norm(v, self.norm)
         reached = torch.zeros(k, k, dtype=torch.bool)
         reached[src, tgt] = found
         log.info("%s scan of %d pairs x %d images: %.1f s", stat, len(pairs), xs.shape[1], time.perf_counter() - t0)
