@@ -1,0 +1,139 @@
+"""Seed 000's pipeline on a hand-built backdoored classifier whose answer is known exactly,
+and the cleanser on a real mnist5k victim."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from backdoorlab.defenses import DEFENSES, InspectionResult
+from backdoorlab.defenses.pattern_subtraction import PatternSubtraction, otsu_threshold
+from backdoorlab.errors import BackdoorLabError
+from backdoorlab.types import ImageSet
+
+
+class QuadrantNet(nn.Module):
+    """3 classes on 1x8x8 images: class c = which quadrant (top-left, top-right, bottom-left) is bright.
+    With ``backdoor``, a bright pixel at (7, 7) on a class-0 image sends it to class 2."""
+
+    def __init__(self, backdoor: bool):
+        super().__init__()
+        self.num_classes, self.input_shape, self.backdoor = 3, (1, 8, 8), backdoor
+
+    def forward(self, x):
+        q = torch.stack([x[:, 0, :4, :4].mean((1, 2)), x[:, 0, :4, 4:].mean((1, 2)), x[:, 0, 4:, :4].mean((1, 2))], 1)
+        logits = 10 * q
+        if self.backdoor:
+            logits = logits + torch.stack([torch.zeros_like(q[:, 0]), torch.zeros_like(q[:, 0]),
+                                           40 * x[:, 0, 7, 7] * torch.relu(q[:, 0] - 0.3)], 1)
+        return logits
+
+
+def quadrant_data(n_per_class: int, seed: int) -> ImageSet:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(3 * n_per_class, 1, 8, 8)
+    y = torch.arange(3).repeat_interleave(n_per_class)
+    x += torch.rand(x.shape, generator=g) * 0.1
+    for c, (r, q) in enumerate([(0, 0), (0, 4), (4, 0)]):
+        x[y == c, 0, r:r + 4, q:q + 4] += 0.6 + 0.3 * torch.rand((n_per_class, 4, 4), generator=g)
+    return ImageSet((x.clamp(0, 1) * 255).round().to(torch.uint8), y, 3, name="quadrants")
+
+
+def test_inspector_finds_the_planted_pair_and_nothing_on_a_clean_model():
+    clean = quadrant_data(30, 0)
+    insp = DEFENSES.create("pairwise", images_per_class=30, opt_images=10, steps=40)
+    res = insp.inspect(QuadrantNet(backdoor=True), clean)
+    # (0, 2) is flagged first; (1, 2) may follow: a class-1 image brightened towards class 0 can use
+    # the trigger too, a real (if weaker) shortcut of this model
+    assert res.backdoored and res.flagged_pairs[0] == (0, 2) and res.flagged_targets == [2]
+    assert all(t == 2 for _, t in res.flagged_pairs)
+    assert res.details["ranking"][0][:2] == (0, 2)
+    # the estimated pattern sits on the trigger pixel
+    p = res.patterns[0, 2, 0]
+    assert int(p.abs().flatten().argmax()) == 7 * 8 + 7
+    assert not DEFENSES.create("pairwise", images_per_class=30, opt_images=10, steps=40).inspect(
+        QuadrantNet(backdoor=False), clean).backdoored
+
+
+def test_inspector_bad_input():
+    clean = quadrant_data(5, 0)
+    with pytest.raises(BackdoorLabError, match="class"):
+        DEFENSES.create("pairwise").inspect(QuadrantNet(True), clean.subset(torch.nonzero(clean.y != 1).flatten()))
+    with pytest.raises(BackdoorLabError, match="pi"):
+        DEFENSES.create("pairwise", pi=1.5)
+
+    class NaNNet(QuadrantNet):
+        def forward(self, x):
+            return super().forward(x) * float("nan")
+
+    with pytest.raises(BackdoorLabError, match="NaN"):
+        DEFENSES.create("pairwise", steps=2).inspect(NaNNet(True), clean)
+    wrong = ImageSet(torch.zeros(4, 1, 9, 9, dtype=torch.uint8), torch.tensor([0, 1, 2, 0]), 3)
+    with pytest.raises(BackdoorLabError, match="shape"):
+        DEFENSES.create("pairwise").inspect(QuadrantNet(True), wrong)
+
+
+def test_otsu_splits_two_clusters():
+    v = torch.cat([torch.rand(500) * 0.05, 0.9 + torch.rand(20) * 0.1])
+    thr = otsu_threshold(v)
+    assert 0.05 < thr < 0.9
+
+
+def _poisoned_quadrants():
+    train = quadrant_data(100, 1)
+    x = train.x.clone()
+    y = train.y.clone()
+    planted = torch.nonzero(train.y == 0).flatten()[:15]
+    x[planted, 0, 7, 7] = 255
+    y[planted] = 2
+    return ImageSet(x, y, 3), planted, train.y
+
+
+def test_cleanser_finds_planted_samples_and_corrects_labels():
+    data, planted, y_true = _poisoned_quadrants()
+    model = QuadrantNet(True)
+    for technique in (1, 2):
+        res = PatternSubtraction(technique=technique, images_per_class=30).cleanse(model, data, clean=quadrant_data(30, 0))
+        assert sorted(torch.nonzero(res.flagged).flatten().tolist()) == sorted(planted.tolist())
+        assert torch.equal(res.corrected_labels[planted], y_true[planted])
+        assert torch.equal(res.corrected_labels[~res.flagged], data.y[~res.flagged])
+
+
+def test_cleanser_aligns_a_shifted_pattern():
+    data, planted, _ = _poisoned_quadrants()
+    patterns = torch.zeros(3, 3, 1, 8, 8)
+    patterns[0, 2, 0, 7, 5] = 0.7  # estimated two columns left of the true trigger pixel
+    insp = InspectionResult(True, [(0, 2)], [2], torch.zeros(3, 3), torch.zeros(3, 3), patterns)
+    res = PatternSubtraction(technique=1).cleanse(QuadrantNet(True), data, inspection=insp)
+    assert res.details["shifts"][(0, 2)] == (0, 2)
+    assert sorted(torch.nonzero(res.flagged).flatten().tolist()) == sorted(planted.tolist())
+    res0 = PatternSubtraction(technique=1, max_shift=0).cleanse(QuadrantNet(True), data, inspection=insp)
+    assert int(res0.flagged.sum()) == 0  # without alignment the subtraction misses the stamp
+
+
+def test_audit_cli(tmp_path):
+    from backdoorlab.cli import app
+
+    for name, backdoor in (("bad", True), ("good", False)):
+        torch.jit.trace(QuadrantNet(backdoor), torch.rand(2, 1, 8, 8)).save(str(tmp_path / f"{name}.pt"))
+    clean = quadrant_data(30, 0)
+    np.savez(tmp_path / "clean.npz", x=clean.x[:, 0].numpy(), y=clean.y.numpy())
+    data, planted, _ = _poisoned_quadrants()
+    np.savez(tmp_path / "train.npz", x=data.x[:, 0].numpy(), y=data.y.numpy())
+    r = CliRunner().invoke(app, ["audit", "--model", str(tmp_path / "bad.pt"), "--data", str(tmp_path / "clean.npz"),
+                                 "--train", str(tmp_path / "train.npz"), "--images-per-class", "30",
+                                 "--out", str(tmp_path / "rep"), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["backdoored"] is True and d["flagged_pairs"][0] == [0, 2] and d["flagged_targets"] == [2]
+    assert sorted(d["flagged_indices"]) == sorted(planted.tolist()) and set(d["corrected_labels"]) == {0}
+    for f in ("audit.json", "flagged.csv", "figures/patterns.png", "figures/pair_norms.png"):
+        assert (tmp_path / "rep" / f).is_file(), f
+    r = CliRunner().invoke(app, ["audit", "--model", str(tmp_path / "good.pt"), "--data", str(tmp_path / "clean.npz"),
+                                 "--images-per-class", "30", "--out", str(tmp_path / "rep2"), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["backdoored"] is False
+    r = CliRunner().invoke(app, ["audit", "--model", str(tmp_path / "bad.pt"), "--data", str(tmp_path / "nope.npz")])
+    assert r.exit_code == 2 and "not found" in r.output
