@@ -15,31 +15,35 @@ from backdoorlab.errors import BackdoorLabError
 from backdoorlab.types import ImageSet
 
 
+K = 5
+
+
 class QuadrantNet(nn.Module):
-    """3 classes on 1x8x8 images: class c = which quadrant (top-left, top-right, bottom-left) is bright.
-    With ``backdoor``, a bright pixel at (7, 7) on a class-0 image sends it to class 2."""
+    """5 classes on 1x10x10 images: class c = which band of two rows (2c, 2c+1) is bright.
+    With ``backdoor``, a bright pixel at (9, 9) on a class-0 image sends it to class 2."""
 
     def __init__(self, backdoor: bool):
         super().__init__()
-        self.num_classes, self.input_shape, self.backdoor = 3, (1, 8, 8), backdoor
+        self.num_classes, self.input_shape, self.backdoor = K, (1, 10, 10), backdoor
 
     def forward(self, x):
-        q = torch.stack([x[:, 0, :4, :4].mean((1, 2)), x[:, 0, :4, 4:].mean((1, 2)), x[:, 0, 4:, :4].mean((1, 2))], 1)
+        q = x[:, 0].view(-1, K, 20).mean(2)  # (B, K) band brightness
         logits = 10 * q
         if self.backdoor:
-            logits = logits + torch.stack([torch.zeros_like(q[:, 0]), torch.zeros_like(q[:, 0]),
-                                           40 * x[:, 0, 7, 7] * torch.relu(q[:, 0] - 0.3)], 1)
+            bump = torch.zeros_like(logits)
+            bump[:, 2] = 40 * x[:, 0, 9, 9] * torch.relu(q[:, 0] - 0.3)
+            logits = logits + bump
         return logits
 
 
 def quadrant_data(n_per_class: int, seed: int) -> ImageSet:
     g = torch.Generator().manual_seed(seed)
-    x = torch.zeros(3 * n_per_class, 1, 8, 8)
-    y = torch.arange(3).repeat_interleave(n_per_class)
-    x += torch.rand(x.shape, generator=g) * 0.1
-    for c, (r, q) in enumerate([(0, 0), (0, 4), (4, 0)]):
-        x[y == c, 0, r:r + 4, q:q + 4] += 0.6 + 0.3 * torch.rand((n_per_class, 4, 4), generator=g)
-    return ImageSet((x.clamp(0, 1) * 255).round().to(torch.uint8), y, 3, name="quadrants")
+    y = torch.arange(K).repeat_interleave(n_per_class)
+    x = torch.rand(K * n_per_class, 1, 10, 10, generator=g) * 0.1
+    for c in range(K):
+        x[y == c, 0, 2 * c:2 * c + 2, :] += 0.6 + 0.3 * torch.rand((n_per_class, 2, 10), generator=g)
+    x[:, 0, 9, 9] = 0.0  # the trigger pixel is dark on clean images
+    return ImageSet((x.clamp(0, 1) * 255).round().to(torch.uint8), y, K, name="bands")
 
 
 def test_inspector_finds_the_planted_pair_and_nothing_on_a_clean_model():
@@ -53,7 +57,7 @@ def test_inspector_finds_the_planted_pair_and_nothing_on_a_clean_model():
     assert res.details["ranking"][0][:2] == (0, 2)
     # the estimated pattern sits on the trigger pixel
     p = res.patterns[0, 2, 0]
-    assert int(p.abs().flatten().argmax()) == 7 * 8 + 7
+    assert int(p.abs().flatten().argmax()) == 9 * 10 + 9
     assert not DEFENSES.create("pairwise", images_per_class=30, opt_images=10, steps=40).inspect(
         QuadrantNet(backdoor=False), clean).backdoored
 
@@ -71,7 +75,7 @@ def test_inspector_bad_input():
 
     with pytest.raises(BackdoorLabError, match="NaN"):
         DEFENSES.create("pairwise", steps=2).inspect(NaNNet(True), clean)
-    wrong = ImageSet(torch.zeros(4, 1, 9, 9, dtype=torch.uint8), torch.tensor([0, 1, 2, 0]), 3)
+    wrong = ImageSet(torch.zeros(5, 1, 9, 9, dtype=torch.uint8), torch.tensor([0, 1, 2, 3, 4]), K)
     with pytest.raises(BackdoorLabError, match="shape"):
         DEFENSES.create("pairwise").inspect(QuadrantNet(True), wrong)
 
@@ -87,9 +91,9 @@ def _poisoned_quadrants():
     x = train.x.clone()
     y = train.y.clone()
     planted = torch.nonzero(train.y == 0).flatten()[:15]
-    x[planted, 0, 7, 7] = 255
+    x[planted, 0, 9, 9] = 255
     y[planted] = 2
-    return ImageSet(x, y, 3), planted, train.y
+    return ImageSet(x, y, K), planted, train.y
 
 
 def test_cleanser_finds_planted_samples_and_corrects_labels():
@@ -104,9 +108,9 @@ def test_cleanser_finds_planted_samples_and_corrects_labels():
 
 def test_cleanser_aligns_a_shifted_pattern():
     data, planted, _ = _poisoned_quadrants()
-    patterns = torch.zeros(3, 3, 1, 8, 8)
-    patterns[0, 2, 0, 7, 5] = 0.7  # estimated two columns left of the true trigger pixel
-    insp = InspectionResult(True, [(0, 2)], [2], torch.zeros(3, 3), torch.zeros(3, 3), patterns)
+    patterns = torch.zeros(K, K, 1, 10, 10)
+    patterns[0, 2, 0, 9, 7] = 0.7  # estimated two columns left of the true trigger pixel
+    insp = InspectionResult(True, [(0, 2)], [2], torch.zeros(K, K), torch.zeros(K, K), patterns)
     res = PatternSubtraction(technique=1).cleanse(QuadrantNet(True), data, inspection=insp)
     assert res.details["shifts"][(0, 2)] == (0, 2)
     assert sorted(torch.nonzero(res.flagged).flatten().tolist()) == sorted(planted.tolist())
@@ -118,7 +122,7 @@ def test_audit_cli(tmp_path):
     from backdoorlab.cli import app
 
     for name, backdoor in (("bad", True), ("good", False)):
-        torch.jit.trace(QuadrantNet(backdoor), torch.rand(2, 1, 8, 8)).save(str(tmp_path / f"{name}.pt"))
+        torch.jit.trace(QuadrantNet(backdoor), torch.rand(2, 1, 10, 10)).save(str(tmp_path / f"{name}.pt"))
     clean = quadrant_data(30, 0)
     np.savez(tmp_path / "clean.npz", x=clean.x[:, 0].numpy(), y=clean.y.numpy())
     data, planted, _ = _poisoned_quadrants()

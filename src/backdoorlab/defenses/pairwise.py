@@ -76,7 +76,8 @@ class PairwiseTriggerInspector(Inspector):
     bisection_steps: int = Field(8, ge=0)
     seed_lr: float = Field(0.1, gt=0.0, description="seed statistic: SGD learning rate")
     seed_steps: int = Field(15, ge=1, description="seed statistic: step budget")
-    threshold: float = Field(2.0, gt=0.0, description="MAD anomaly index above which a pair is flagged")
+    threshold: float = Field(3.0, gt=0.0, description="MAD anomaly index above which a pair is flagged")
+    target_threshold: float = Field(2.0, gt=0.0, description="MAD anomaly index above which a target is flagged")
     chunk: int = Field(12000, ge=1, description="images per forward pass (memory)")
     seed: int = 0
 
@@ -303,21 +304,34 @@ class PairwiseTriggerInspector(Inspector):
         est = self.estimate(model, clean)
         norms = est["norms"]
         k = clean.num_classes
-        signed = mad_anomaly_index(norms.flatten()).view(k, k).float()
-        # min-norm: small patterns are suspicious; seed: large ones
-        anomaly = -signed if self.statistic == "min-norm" else signed
+        target_anomaly = torch.full((k,), float("nan"))
+        if self.statistic == "min-norm":
+            # two-way log model: a pair's size is its source's ease times its target's ease times its
+            # own factor; the residual of log d(v) after removing the row (source) and column (target)
+            # medians is what a planted shortcut makes anomalously small
+            logn = norms.clamp_min(1e-6).log()
+            rowmed = logn.nanmedian(1, keepdim=True).values
+            colmed = logn.nanmedian(0, keepdim=True).values
+            anomaly = -mad_anomaly_index((logn - rowmed - colmed).flatten()).view(k, k).float()
+            # per target (all-to-one attacks make a whole column small): Neural Cleanse's rule on the
+            # column medians of the source-normalised log sizes
+            target_anomaly = -mad_anomaly_index(colmed.flatten()).float()
+        else:
+            anomaly = mad_anomaly_index(norms.flatten()).view(k, k).float()
         flagged = [(int(s), int(t)) for s, t in torch.nonzero(anomaly > self.threshold).tolist()]
         if self.statistic == "min-norm":
             flagged = [(s, t) for s, t in flagged if bool(est["reached"][s, t])]
+        flagged_targets = {t for _, t in flagged} | {
+            int(t) for t in torch.nonzero(target_anomaly > self.target_threshold).flatten().tolist()}
         flagged.sort(key=lambda st: -float(anomaly[st]))
         a = anomaly.clone()
         a[~torch.isfinite(a)] = -float("inf")
         order = torch.argsort(a.flatten(), descending=True)[: min(10, k * (k - 1))]
         ranking = [(int(i) // k, int(i) % k, float(norms.flatten()[i]), float(anomaly.flatten()[i])) for i in order]
         return InspectionResult(
-            backdoored=bool(flagged), flagged_pairs=flagged, flagged_targets=sorted({t for _, t in flagged}),
+            backdoored=bool(flagged or flagged_targets), flagged_pairs=flagged, flagged_targets=sorted(flagged_targets),
             scores=norms, anomaly=anomaly, patterns=est["patterns"],
-            details={"statistic": self.statistic, "norm": self.norm, "reached": est["reached"], "ranking": ranking,
+            details={"target_anomaly": target_anomaly, "statistic": self.statistic, "norm": self.norm, "reached": est["reached"], "ranking": ranking,
                      "images_per_class": int(min(self.images_per_class, int(clean.class_counts().min()))),
                      "seconds": time.perf_counter() - t0},
         )
