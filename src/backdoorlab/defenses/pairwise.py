@@ -78,7 +78,7 @@ class PairwiseTriggerInspector(Inspector):
     seed_steps: int = Field(15, ge=1, description="seed statistic: step budget")
     threshold: float = Field(3.0, gt=0.0, description="MAD anomaly index above which a pair is flagged")
     target_threshold: float = Field(2.0, gt=0.0, description="MAD anomaly index above which a target is flagged")
-    chunk: int = Field(12000, ge=1, description="images per forward pass (memory)")
+    chunk: int = Field(256, ge=1, description="images per forward pass (CPU throughput peaks at small batches)")
     seed: int = 0
 
     # ------------------------------------------------------------------ core
