@@ -141,3 +141,29 @@ def test_audit_cli(tmp_path):
     assert r.exit_code == 0 and json.loads(r.stdout)["backdoored"] is False
     r = CliRunner().invoke(app, ["audit", "--model", str(tmp_path / "bad.pt"), "--data", str(tmp_path / "nope.npz")])
     assert r.exit_code == 2 and "not found" in r.output
+
+
+@pytest.mark.slow
+def test_defenses_in_experiment_yaml(tmp_path):
+    """`defenses:` in an experiment: the inspector runs on the victim and is scored with the ground truth."""
+    from backdoorlab.config import load_config
+    from backdoorlab.experiment import run
+    from backdoorlab.store import Store
+
+    cfg_file = tmp_path / "e.yaml"
+    cfg_file.write_text(
+        "name: dig\ndata: {name: digits, holdout_fraction: 0.15}\n"
+        "attack: {name: badnets, mode: source-specific, source: 3, target: 8, rate: 0.5, size: 2}\n"
+        "train: {epochs: 30, batch_size: 64}\n"
+        "defenses: [{name: pairwise, images_per_class: 20}, {name: pattern-subtraction}]\n")
+    rec = run(load_config(cfg_file), Store(tmp_path / "store"))
+    m = rec.metrics
+    assert m["attack_success_rate"] > 0.9
+    assert m["defense.pairwise.backdoored"] == 1.0 and m["defense.pairwise.target_found"] == 1.0
+    # the cleanser ran and was scored with the ground truth (its quality on 8x8 digits is not a bar)
+    assert 0.0 <= m["defense.pattern-subtraction.fpr"] <= 1.0 and 0.0 <= m["defense.pattern-subtraction.tpr"] <= 1.0
+    assert "figure:pairwise_patterns" in rec.artifacts
+    with pytest.raises(BackdoorLabError, match="defenses.0"):
+        load_config(None, ["defenses=[{name: pairwise, pie: 3}]"])
+    with pytest.raises(BackdoorLabError, match="unknown defense"):
+        load_config(None, ["defenses=[{name: nope}]"])

@@ -51,6 +51,12 @@ class AttackSection(_Section):
     source: Optional[int] = Field(None, ge=0)
 
 
+class DefenseSection(_Section):
+    """``name`` picks a defense from the registry; its parameters sit beside it."""
+
+    name: str
+
+
 class ExperimentConfig(BaseModel):
     """One experiment: data -> (attack) -> victim training -> evaluation."""
 
@@ -65,6 +71,7 @@ class ExperimentConfig(BaseModel):
     model: ModelSection = ModelSection()
     attack: Optional[AttackSection] = AttackSection()
     train: TrainConfig = TrainConfig(epochs=10)
+    defenses: list[DefenseSection] = Field(default_factory=list, description="defenses run against the victim")
 
     def check_components(self) -> None:
         """Check component names and parameters against the registries (no data loaded)."""
@@ -82,6 +89,10 @@ class ExperimentConfig(BaseModel):
                     f"{', '.join(f'{section}.{k}' for k in unknown)}: unknown parameter of {reg.kind} {sec.name!r}; "
                     f"its parameters: {', '.join(known) or '(none)'}"
                 )
+        from backdoorlab.defenses import DEFENSES
+
+        for i, d in enumerate(self.defenses):
+            DEFENSES.build(d.name, d.extras(), where=f"defenses.{i}")
         if self.attack is not None:
             ATTACKS.build(self.attack.name, self.attack.extras(), where="attack")
             if self.attack.mode == "source-specific" and self.attack.source is None:

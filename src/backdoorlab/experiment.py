@@ -36,6 +36,7 @@ class Prepared:
     triggered_test: PoisonedSet | None
     attack: Any | None
     timings: dict[str, float] = field(default_factory=dict)
+    attack_section: Any | None = None
 
 
 def setup_torch(cfg: ExperimentConfig) -> torch.device:
@@ -78,7 +79,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     triggered = poison_test(splits.test, attack, target=a.target, source=a.source, mode=a.mode,
                             generator=torch.Generator().manual_seed(cfg.seed + 2))
     t["poison"] = time.perf_counter() - t0
-    return Prepared(splits, poisoned, triggered, attack, t)
+    return Prepared(splits, poisoned, triggered, attack, t, a)
 
 
 def train_victim(cfg: ExperimentConfig, prep: Prepared, store: Store | None, callbacks=()) -> tuple[torch.nn.Module, dict, bool]:
@@ -131,6 +132,87 @@ def evaluate_victim(model: torch.nn.Module, prep: Prepared, batch_size: int = 10
     return out
 
 
+def run_defense(defense, model: torch.nn.Module, prep: Prepared, ca: float, asr: float | None,
+                batch_size: int = 1024, context: dict | None = None) -> tuple[dict[str, float], dict[str, bytes]]:
+    """Run one defense by its family's verb, with what its threat model allows (the victim, the
+    clean held-out set, the training set without ground truth), then score it with the ground truth.
+    Returns (metrics, figures as PNG bytes)."""
+    from backdoorlab import plots
+    from backdoorlab.train import predict
+
+    fam = defense.family
+    holdout, test, trig = prep.splits.holdout, prep.splits.test, prep.triggered_test
+    poisoned = prep.train_set if isinstance(prep.train_set, PoisonedSet) else None
+    out: dict[str, float] = {}
+    figs: dict[str, bytes] = {}
+    t0 = time.perf_counter()
+    if fam == "inspector":
+        res = defense.inspect(model, holdout)
+        if context is not None:
+            context["inspection"] = res  # a cleanser later in the list reuses it
+        out["backdoored"] = float(res.backdoored)
+        out["max_anomaly"] = res.max_anomaly
+        out["flagged_pairs"] = float(len(res.flagged_pairs))
+        a = prep.attack_section
+        if a is not None:
+            out["target_found"] = float(a.target in res.flagged_targets)
+            if a.mode == "source-specific":
+                out["pair_found"] = float((a.source, a.target) in res.flagged_pairs)
+        if res.patterns is not None and res.patterns.dim() == 5:
+            figs["patterns"] = plots.pattern_grid(res.patterns, False, highlight=res.flagged_pairs)
+            figs["pair_scores"] = plots.pair_scatter(res.scores, res.flagged_pairs)
+    elif fam == "cleanser":
+        import inspect as _inspect
+
+        kw = {}
+        if context and "inspection" in context and "inspection" in _inspect.signature(defense.cleanse).parameters:
+            kw["inspection"] = context["inspection"]
+        res = defense.cleanse(model, prep.train_set.without_ground_truth() if poisoned is not None else prep.train_set,
+                              clean=holdout, **kw)
+        if poisoned is not None:
+            truth = poisoned.is_poison
+            out.update(tpr=M.tpr(res.flagged, truth), fpr=M.fpr(res.flagged, truth),
+                       precision=M.precision(res.flagged, truth), auroc=M.auroc(res.scores, truth),
+                       label_accuracy=M.accuracy(res.corrected_labels[truth], poisoned.y_source[truth]))
+            figs["scores"] = plots.score_histogram(res.scores, res.threshold, truth)
+        out["flagged"] = float(res.flagged.sum())
+    elif fam == "detector":
+        defense.fit(model, holdout)
+        clean_res = defense.detect(test.x)
+        out["frr"] = M.frr(clean_res.flagged)
+        if trig is not None:
+            trig_res = defense.detect(trig.x)
+            out["far"] = M.far(trig_res.flagged)
+            scores = torch.cat([clean_res.scores, trig_res.scores])
+            truth = torch.cat([torch.zeros(len(test), dtype=torch.bool), torch.ones(len(trig), dtype=torch.bool)])
+            out["auroc"] = M.auroc(scores, truth)
+            figs["scores"] = plots.score_histogram(scores, clean_res.threshold, truth, xlabel="detector score")
+    elif fam == "repairer":
+        res = defense.repair(model, holdout)
+        new = res.model
+        out["clean_accuracy"] = M.clean_accuracy(predict(new, test, batch_size), test.y)
+        if trig is not None and asr is not None:
+            out["attack_success_rate"] = M.attack_success_rate(predict(new, trig, batch_size), trig.y)
+            out["der"] = M.defense_effectiveness_rating(ca, out["clean_accuracy"], asr, out["attack_success_rate"])
+    elif fam == "robust-trainer":
+        from backdoorlab.models import ModelSpec, build_model
+
+        spec = model.spec
+        fresh = build_model(ModelSpec(spec.name, spec.num_classes, spec.input_shape, spec.params))
+        res = defense.train(fresh, prep.train_set.without_ground_truth() if poisoned is not None else prep.train_set)
+        new = res.model
+        out["clean_accuracy"] = M.clean_accuracy(predict(new, test, batch_size), test.y)
+        if trig is not None and asr is not None:
+            out["attack_success_rate"] = M.attack_success_rate(predict(new, trig, batch_size), trig.y)
+            out["der"] = M.defense_effectiveness_rating(ca, out["clean_accuracy"], asr, out["attack_success_rate"])
+        if poisoned is not None and res.isolated_indices.numel():
+            out["isolation_precision"] = float(poisoned.is_poison[res.isolated_indices].float().mean())
+    else:
+        raise BackdoorLabError(f"defense {defense.describe()} has an unknown family {fam!r}")
+    out["seconds"] = time.perf_counter() - t0
+    return out, figs
+
+
 def _sample_figure(prep: Prepared) -> bytes | None:
     from backdoorlab.plots import sample_grid
 
@@ -160,6 +242,16 @@ def run(cfg: ExperimentConfig, store: Store, *, callbacks: tuple[Callback, ...] 
     t0 = time.perf_counter()
     results = evaluate_victim(model, prep, cfg.train.eval_batch_size)
     timings["evaluate"] = time.perf_counter() - t0
+    from backdoorlab.defenses import DEFENSES
+
+    defense_figs: dict[str, bytes] = {}
+    context: dict = {}
+    for i, d in enumerate(cfg.defenses):
+        defense = DEFENSES.build(d.name, d.extras(), where=f"defenses.{i}")
+        m, figs = run_defense(defense, model, prep, results["clean_accuracy"], results.get("attack_success_rate"),
+                              cfg.train.eval_batch_size, context)
+        results.update({f"defense.{d.name}.{k}": v for k, v in m.items()})
+        defense_figs.update({f"figures/{d.name}_{k}.png": v for k, v in figs.items()})
     run_id = new_run_id(cfg.name)
     with store.new_run(run_id) as tmp:
         artifacts: dict[str, str] = {}
@@ -173,6 +265,9 @@ def run(cfg: ExperimentConfig, store: Store, *, callbacks: tuple[Callback, ...] 
         if fig is not None:
             atomic_write_bytes(tmp / "figures" / "samples.png", fig)
             artifacts["figure:samples"] = "figures/samples.png"
+        for rel, png in defense_figs.items():
+            atomic_write_bytes(tmp / rel, png)
+            artifacts[f"figure:{Path(rel).stem}"] = rel
         if history.get("epochs"):
             atomic_write_bytes(tmp / "figures" / "training.png", training_curves(history["epochs"], cfg.name))
             artifacts["figure:training"] = "figures/training.png"
