@@ -22,16 +22,17 @@ class QuadrantNet(nn.Module):
     """5 classes on 1x10x10 images: class c = which band of two rows (2c, 2c+1) is bright.
     With ``backdoor``, a bright pixel at (9, 9) on a class-0 image sends it to class 2."""
 
-    def __init__(self, backdoor: bool):
+    def __init__(self, backdoor: bool, all_to_one: bool = False):
         super().__init__()
-        self.num_classes, self.input_shape, self.backdoor = K, (1, 10, 10), backdoor
+        self.num_classes, self.input_shape, self.backdoor, self.all_to_one = K, (1, 10, 10), backdoor, all_to_one
 
     def forward(self, x):
         q = x[:, 0].view(-1, K, 20).mean(2)  # (B, K) band brightness
         logits = 10 * q
         if self.backdoor:
             bump = torch.zeros_like(logits)
-            bump[:, 2] = 40 * x[:, 0, 9, 9] * torch.relu(q[:, 0] - 0.3)
+            gate = 1.0 if self.all_to_one else torch.relu(q[:, 0] - 0.3)
+            bump[:, 2] = 40 * x[:, 0, 9, 9] * gate
             logits = logits + bump
         return logits
 
@@ -167,3 +168,12 @@ def test_defenses_in_experiment_yaml(tmp_path):
         load_config(None, ["defenses=[{name: pairwise, pie: 3}]"])
     with pytest.raises(BackdoorLabError, match="unknown defense"):
         load_config(None, ["defenses=[{name: nope}]"])
+
+
+def test_neural_cleanse_flags_the_all_to_one_target():
+    clean = quadrant_data(10, 0)
+    res = DEFENSES.create("neural-cleanse", steps=120).inspect(QuadrantNet(True, all_to_one=True), clean)
+    # target 2's mask is ~100x smaller than the others; with only 5 classes the MAD may flag a second
+    assert res.backdoored and res.flagged_targets[0] == 2 and float(res.scores[2]) < 0.05 * float(res.scores.median())
+    assert int(res.details["masks"][2, 0].flatten().argmax()) == 9 * 10 + 9
+    assert not DEFENSES.create("neural-cleanse", steps=120).inspect(QuadrantNet(False), clean).backdoored
