@@ -243,6 +243,81 @@ def _write_dir_atomically(final: Path, files: dict[str, bytes]) -> None:
         raise
 
 
+# ----------------------------------------------------------------------------- defenses on files
+def _load_labelled(spec: str, num_classes: int | None, *, split: str = "train", what: str = "data"):
+    """An ImageSet from an npz (with ``num_classes`` forced to the model's), a folder or a data set name.
+    ``split="test"`` prefers the test part of a source that has one and falls back to the whole file."""
+    from backdoorlab.data import load_source
+    from backdoorlab.inputs import load_images
+
+    p = Path(spec)
+    if p.suffix == ".npz" or p.is_file():
+        raw = load_source("npz", path=str(p), num_classes=num_classes)
+    else:
+        try:
+            return load_images(spec, split=split)
+        except BackdoorLabError as exc:
+            if split != "test" or "no test split" not in str(exc):
+                raise
+            return load_images(spec)
+    return raw.test if split == "test" and raw.test is not None else raw.train
+
+
+def _load_unlabelled(spec: str, num_classes: int):
+    """Inputs to screen: an npz whose ``y`` is optional (``is_poison``, when present, is the ground
+    truth), a folder or a data set name. Returns (ImageSet, truth or None)."""
+    import numpy as np
+    import torch
+
+    from backdoorlab.data import to_imageset
+
+    p = Path(spec)
+    if p.suffix != ".npz":
+        return _load_labelled(spec, num_classes, what="--inputs"), None
+    if not p.is_file():
+        raise BackdoorLabError(f"--inputs: file not found: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as exc:
+        raise BackdoorLabError(f"--inputs: {p} is not a readable .npz file ({exc})") from exc
+    xk = "x" if "x" in arrays else "x_train" if "x_train" in arrays else None
+    if xk is None:
+        raise BackdoorLabError(f"--inputs: {p} has no images: expected key x (uint8 (N,H,W[,C])); found {sorted(arrays)}")
+    x = arrays[xk]
+    y = arrays.get("y" if xk == "x" else "y_train")
+    if y is None or y.shape[:1] != x.shape[:1]:
+        y = np.zeros(x.shape[0], dtype=np.int64)
+    y = np.clip(y.astype(np.int64), 0, num_classes - 1)
+    data = to_imageset(x, y, name=p.stem, num_classes=num_classes)
+    truth = arrays.get("is_poison")
+    if truth is not None:
+        if truth.shape != (len(data),):
+            raise BackdoorLabError(f"--inputs: is_poison has shape {truth.shape}; expected ({len(data)},), one flag per image")
+        truth = torch.from_numpy(truth.astype(bool))
+    return data, truth
+
+
+def _method_params(items: List[str]) -> dict:
+    from backdoorlab.config import parse_override
+
+    params: dict = {}
+    for item in items:
+        parts, value = parse_override(item)
+        if len(parts) != 1:
+            raise BackdoorLabError(f"--param {item!r}: expected NAME=VALUE, e.g. --param tolerance=0.01")
+        params[parts[0]] = value
+    return params
+
+
+def _write_figure(folder: Path, name: str, png: bytes) -> str:
+    from backdoorlab.store import atomic_write_bytes
+
+    path = folder / name
+    atomic_write_bytes(path, png)
+    return str(path)
+
+
 @app.command()
 @handles_errors
 def audit(
@@ -333,6 +408,169 @@ def audit(
     out.print(f"report: {folder}  ({result['seconds']:.1f} s)")
 
 
+@app.command()
+@handles_errors
+def repair(
+    model: Path = typer.Option(..., "--model", help="model file: backdoorlab safetensors, or TorchScript"),
+    clean: str = typer.Option(..., "--clean", help="the defender's clean images (npz, folder or data set name)"),
+    method: str = typer.Option("fine-pruning", "--method", help="a repairer: fine-pruning, pruning, fine-tuning"),
+    eval_: Optional[str] = typer.Option(None, "--eval", help="clean test images for CA along the curve (an npz's test part if it has one)"),
+    triggered: Optional[str] = typer.Option(None, "--triggered", help="triggered images labelled with the attacker's target, for ASR"),
+    param: List[str] = typer.Option([], "--param", "-p", help="a method parameter, e.g. -p tolerance=0.01 (repeatable)"),
+    clean_size: Optional[int] = typer.Option(None, "--clean-size", min=1, help="use a stratified subsample of this many clean images"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="architecture of plain safetensors weights without a spec"),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="write the repaired model here (.safetensors)"),
+    figures: Optional[Path] = typer.Option(None, "--figures", help="write the CA/ASR vs pruned fraction figure into this folder"),
+    as_json: bool = JsonOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log each step to stderr"),
+) -> None:
+    """Repair a model with pruning / fine-tuning / fine-pruning on clean data; report the CA/ASR curve."""
+    import time
+
+    import torch
+
+    from backdoorlab.data import stratified_subsample
+    from backdoorlab.defenses import DEFENSES
+    from backdoorlab.inputs import load_model_for
+    from backdoorlab.models import save_model
+
+    _setup_logging(verbose)
+    entry = DEFENSES.get(method)
+    if getattr(entry.factory, "family", "") != "repairer":
+        repairers = [e.name for e in DEFENSES if getattr(e.factory, "family", "") == "repairer"]
+        raise BackdoorLabError(f"--method {method!r} is not a repairer; repairers: {', '.join(repairers)}")
+    defense = DEFENSES.build(method, _method_params(param), where="--param")
+    if out_path is not None and out_path.suffix != ".safetensors":
+        raise BackdoorLabError(f"--out {out_path}: the repaired model is written as safetensors; use a .safetensors name")
+    clean_set = _load_labelled(clean, None, what="--clean")
+    net = load_model_for(model, clean_set, arch=arch)
+    if clean_size is not None:
+        clean_set = stratified_subsample(clean_set, clean_size, torch.Generator().manual_seed(0))
+    eval_set = _load_labelled(eval_, clean_set.num_classes, split="test", what="--eval") if eval_ else None
+    trig_set = _load_labelled(triggered, clean_set.num_classes, what="--triggered") if triggered else None
+    t0 = time.perf_counter()
+    result = defense.repair(net, clean_set, eval_clean=eval_set, eval_triggered=trig_set)
+    seconds = time.perf_counter() - t0
+    d = result.details
+    written: dict[str, str] = {}
+    if out_path is not None:
+        if getattr(result.model, "spec", None) is None:
+            raise BackdoorLabError("this model has no backdoorlab spec (a TorchScript file?); it cannot be written as safetensors")
+        save_model(result.model, out_path)
+        written["model"] = str(out_path)
+    if figures is not None:
+        from backdoorlab.plots_defenses import pruning_curve
+
+        written["curve"] = _write_figure(figures, "repair_curve.png", pruning_curve(
+            result.curve, chosen=d.get("pruned_fraction"), title=f"{method} on {Path(str(model)).name}"))
+    summary = {"method": method, "clean_accuracy": d.get("clean_accuracy"), "attack_success_rate": d.get("attack_success_rate"),
+               "pruned_fraction": d.get("pruned_fraction", 0.0), "holdout_accuracy": d.get("holdout_accuracy"),
+               "clean_accuracy_before": d.get("clean_accuracy_before"),
+               "attack_success_rate_before": d.get("attack_success_rate_before"),
+               "holdout_accuracy_before": d.get("holdout_accuracy_before"), "layer": d.get("layer"),
+               "clean_size": len(clean_set), "seconds": round(seconds, 3), "written": written, "curve": result.curve}
+    if as_json:
+        _print_json(summary)
+        return
+    t = Table(title=f"{method}: curve ({d.get('layer', '-')}, {len(clean_set)} clean images)")
+    cols = [k for k in ("pruned_fraction", "finetuned", "holdout_accuracy", "clean_accuracy", "attack_success_rate")
+            if any(k in r for r in result.curve)]
+    for c in cols:
+        t.add_column(c.replace("_", " "), justify="right")
+    for r in result.curve:
+        t.add_row(*(_fmt(r[c]) if c in r else "-" for c in cols))
+    out.print(t)
+    before = ", ".join(f"{k} {_fmt(summary[k + '_before'])}" for k in ("clean_accuracy", "attack_success_rate", "holdout_accuracy")
+                       if summary.get(k + "_before") is not None)
+    after = ", ".join(f"{k} {_fmt(summary[k])}" for k in ("clean_accuracy", "attack_success_rate", "holdout_accuracy")
+                      if summary.get(k) is not None)
+    out.print(f"pruned fraction {_fmt(float(summary['pruned_fraction']))}; before: {before}; after: {after}; {seconds:.1f} s")
+    for k, v in written.items():
+        out.print(f"wrote {k}: {v}")
+
+
+@app.command()
+@handles_errors
+def guard(
+    model: Path = typer.Option(..., "--model", help="model file: backdoorlab safetensors, or TorchScript"),
+    clean: str = typer.Option(..., "--clean", help="clean held-out images that set the threshold (npz, folder or data set name)"),
+    inputs: str = typer.Option(..., "--inputs", help="images to screen: npz (y optional; is_poison = ground truth), folder or name"),
+    samples: int = typer.Option(20, "--samples", min=2, help="superimposed copies per input (N)"),
+    frr: float = typer.Option(0.01, "--frr", help="preset false rejection rate on clean inputs"),
+    superimpose: str = typer.Option("sum", "--superimpose", help="sum (the paper's saturating add) or average (ART's 50/50)"),
+    threshold_rule: str = typer.Option("quantile", "--threshold-rule", help="quantile of the clean entropies, or normal (the paper's fit)"),
+    clean_size: Optional[int] = typer.Option(None, "--clean-size", min=1, help="use a stratified subsample of this many clean images"),
+    seed: int = typer.Option(0, "--seed", min=0, help="seed of the clean images drawn for the blends"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="architecture of plain safetensors weights without a spec"),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="write index,prediction,score,flagged per input here"),
+    figures: Optional[Path] = typer.Option(None, "--figures", help="write the entropy histogram into this folder"),
+    as_json: bool = JsonOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log to stderr"),
+) -> None:
+    """Screen inputs with STRIP: flag trojaned inputs; the guarded prediction is class K for them."""
+    import time
+
+    import torch
+
+    from backdoorlab import metrics as M
+    from backdoorlab.data import stratified_subsample
+    from backdoorlab.defenses import DEFENSES, Guarded
+    from backdoorlab.inputs import load_model_for
+
+    _setup_logging(verbose)
+    detector = DEFENSES.build("strip", {"samples": samples, "frr": frr, "superimpose": superimpose,
+                                        "threshold_rule": threshold_rule, "seed": seed}, where="guard")
+    clean_set = _load_labelled(clean, None, what="--clean")
+    net = load_model_for(model, clean_set, arch=arch)
+    if clean_size is not None:
+        clean_set = stratified_subsample(clean_set, clean_size, torch.Generator().manual_seed(0))
+    data, truth = _load_unlabelled(inputs, clean_set.num_classes)
+    if data.shape != clean_set.shape:
+        raise BackdoorLabError(f"--inputs images have shape {data.shape} but --clean images {clean_set.shape}; use one image size")
+    detector.fit(net, clean_set)
+    t0 = time.perf_counter()
+    pred, det = Guarded(net, detector).guard(data.x)
+    seconds = time.perf_counter() - t0
+    k = clean_set.num_classes
+    result: dict[str, Any] = {
+        "num_inputs": len(data), "num_flagged": int(det.flagged.sum()), "threshold": det.threshold,
+        "entropy_threshold": detector.entropy_threshold, "trojaned_class": k, "samples": samples, "frr_preset": frr,
+        "superimpose": superimpose, "inputs_per_second": len(data) / max(seconds, 1e-9), "seconds": round(seconds, 3),
+        "flagged": det.flagged.tolist(), "scores": [round(float(s), 6) for s in det.scores],
+        "predictions": pred.tolist(),
+    }
+    if truth is not None:
+        result.update(frr=M.frr(det.flagged[~truth]), far=M.far(det.flagged[truth]), auroc=M.auroc(det.scores, truth),
+                      num_trojaned=int(truth.sum()))
+    written: dict[str, str] = {}
+    if csv_path is not None:
+        from backdoorlab.store import atomic_write_text
+
+        lines = ["index,prediction,score,flagged"]
+        lines += [f"{i},{int(p)},{float(s):.6f},{int(bool(f))}" for i, (p, s, f) in enumerate(zip(pred, det.scores, det.flagged))]
+        atomic_write_text(csv_path, "\n".join(lines) + "\n")
+        written["csv"] = str(csv_path)
+    if figures is not None:
+        from backdoorlab.plots_defenses import entropy_histogram
+
+        ent = -det.scores
+        if truth is not None:
+            a, b, labels = ent[~truth], ent[truth], ("clean inputs", "trojaned inputs")
+        else:
+            a, b, labels = detector.clean_entropy, ent, ("clean held-out", "inputs")
+        written["histogram"] = _write_figure(figures, "strip_entropy.png", entropy_histogram(
+            a, b, boundary=detector.entropy_threshold, labels=labels, title=f"STRIP, N={samples}, {superimpose}"))
+    result["written"] = written
+    if as_json:
+        _print_json(result)
+        return
+    msg = (f"{result['num_flagged']} of {len(data)} inputs flagged as trojaned (class {k}); entropy boundary "
+           f"{detector.entropy_threshold:.4f} bits at preset FRR {frr}; {result['inputs_per_second']:.0f} inputs/s")
+    if truth is not None:
+        msg += f"; FRR {result['frr']:.4f}, FAR {result['far']:.4f}, AUROC {result['auroc']:.4f}"
+    out.print(msg)
+    for kind, v in written.items():
+        out.print(f"wrote {kind}: {v}")
 
 
 def main() -> None:

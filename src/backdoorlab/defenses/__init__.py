@@ -12,3 +12,8 @@ __all__ = [
     "InspectionResult", "Inspector", "RepairResult", "Repairer", "RobustTrainResult", "RobustTrainer",
     "mad_anomaly_index",
 ]
+
+from backdoorlab.defenses import pruning, strip  # noqa: E402,F401  (register the defenses)
+from backdoorlab.defenses.strip import Guarded, Strip  # noqa: E402
+
+__all__ += ["Guarded", "Strip"]
