@@ -1,20 +1,25 @@
-"""The attack zoo's bars on the embedded mnist5k (3,800 train / 1,000 test, seed 0, small CNN):
-ASR >= 0.9 with CA within 2 points of a clean model for the strong attacks, labels kept by the
-clean-label attacks, per-image triggers for input-aware, the pruning-aware backdoor surviving the
-pruning of its decoy channels. Victims are trained once per session (about 2 minutes in all)."""
+"""The attack zoo's bars on the embedded mnist5k (3,800 train / 1,000 test, seed 0, small CNN),
+with the settings of ``configs/attacks/<name>_mnist5k.yaml``: ASR >= 0.9 with CA within 2 points
+of a clean model for the strong attacks, labels kept by the clean-label attacks, per-image
+triggers for input-aware, the pruning-aware backdoor surviving the pruning of its decoy
+channels. Victims are trained once per session (about 2 minutes in all)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from backdoorlab.attacks import ATTACKS, poison, poison_test
+from backdoorlab.config import load_config
+from backdoorlab.experiment import prepare
 from backdoorlab.models import ModelSpec, build_model
 from backdoorlab.train import TrainConfig, evaluate, predict, train
 
 pytestmark = pytest.mark.slow
 
 EPOCHS = 8
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "attacks"
 
 
 @pytest.fixture(scope="session")
@@ -42,39 +47,43 @@ def clean_ca(splits, clean_model) -> float:
     return evaluate(clean_model, splits.test)
 
 
-def _victim(splits, name, params, *, mode="all-to-one", rate=0.1, target=0, epochs=EPOCHS):
-    attack = ATTACKS.create(name, **params)
-    p = poison(splits.train, attack, rate=rate, target=target, mode=mode, generator=torch.Generator().manual_seed(1))
-    t = poison_test(splits.test, attack, target=target, mode=mode, generator=torch.Generator().manual_seed(2))
-    m = _model(splits)
-    train(m, p.without_ground_truth(), TrainConfig(epochs=epochs), seed=0)
-    return m, p, t
+def _config(name):
+    return load_config(CONFIGS / f"{name}_mnist5k.yaml")
 
 
-# the settings of configs/attacks/<name>_mnist5k.yaml
-STRONG = {
-    "blend": dict(params={"key": "noise", "alpha": 0.1}),
-    "random-position": dict(params={"size": 5}, rate=0.2),
-    "wanet": dict(params={"s": 1.0}, rate=0.2, epochs=12),
-    "sig": dict(params={"delta": 80 / 255, "delta_test": 0.8}, mode="clean-label", rate=1.0, epochs=10),
-}
+def _victim(name):
+    """Poison, train and return (model, poisoned set, triggered test set, config) as the config says."""
+    cfg = _config(name)
+    prep = prepare(cfg)
+    m = _model(prep.splits)
+    train(m, prep.train_set.without_ground_truth(), cfg.train, seed=cfg.seed)
+    return m, prep.train_set, prep.triggered_test, cfg
 
 
-@pytest.mark.parametrize("name", list(STRONG))
+def _train_attack(name, splits):
+    cfg = _config(name)
+    a = cfg.attack
+    prep = prepare(cfg)
+    return prep.attack.train_victim(_model(splits), prep.splits.train, cfg.train, rate=a.rate, target=a.target,
+                                    source=a.source, mode=a.mode, seed=cfg.seed)
+
+
+STRONG = ["blend", "random-position", "wanet", "sig"]
+
+
+@pytest.mark.parametrize("name", STRONG)
 def test_strong_attacks_reach_the_bar(name, splits, clean_ca):
-    kw = dict(STRONG[name])
-    model, p, t = _victim(splits, name, kw.pop("params"), **kw)
+    model, p, t, cfg = _victim(name)
     ca, asr = evaluate(model, splits.test), evaluate(model, t)
     assert asr >= 0.9, f"{name}: ASR {asr:.4f}"
     assert ca >= clean_ca - 0.02, f"{name}: CA {ca:.4f} vs clean {clean_ca:.4f}"
-    if kw.get("mode") == "clean-label":
+    if cfg.attack.mode == "clean-label":
         assert torch.equal(p.y, splits.train.y)  # SIG changes no label
-        assert torch.all(t.y_source != 0)  # ASR on non-target images only
+        assert torch.all(t.y_source != cfg.attack.target)  # ASR on non-target images only
 
 
 def test_clean_label_keeps_every_label_and_plants_a_backdoor(splits, clean_ca, clean_model):
-    params = dict(eps=16 / 255, steps=10, surrogate_epochs=4, size=3, corners="four")
-    model, p, t = _victim(splits, "clean-label", params, mode="clean-label", rate=1.0)
+    model, p, t, _ = _victim("clean-label")
     assert torch.equal(p.y, splits.train.y) and int(p.is_poison.sum()) == int((splits.train.y == 0).sum())
     assert torch.all(t.y_source != 0)
     # the poisoned images moved inside the L-inf ball (plus the patch) and are harder for the surrogate
@@ -89,9 +98,7 @@ def test_clean_label_keeps_every_label_and_plants_a_backdoor(splits, clean_ca, c
 
 @pytest.fixture(scope="session")
 def input_aware(splits):
-    attack = ATTACKS.create("input-aware", width=8, mask_epochs=2, cross_ratio=0.5)
-    res = attack.train_victim(_model(splits), splits.train, TrainConfig(epochs=EPOCHS), rate=0.2, target=0, seed=0)
-    return res
+    return _train_attack("input-aware", splits)
 
 
 def test_input_aware_reaches_the_bar(input_aware, splits, clean_ca):
@@ -123,9 +130,8 @@ def test_input_aware_triggers_differ_between_images(input_aware, splits):
 def test_pruning_aware_hides_the_backdoor_from_its_decoys(splits):
     from backdoorlab.attacks.pruning_aware import channel_activation, mask_channels, prune_point
 
-    attack = ATTACKS.create("pruning-aware", prune_fraction=0.5, clean_epochs=4, retrain_epochs=4)
-    model = _model(splits)
-    res = attack.train_victim(model, splits.train, TrainConfig(epochs=EPOCHS), rate=0.1, target=0, seed=0)
+    res = _train_attack("pruning-aware", splits)
+    model = res.model
     t = res.triggered_test(splits.test, target=0)
     assert res.poisoned is not None and int(res.poisoned.is_poison.sum()) > 0
     assert evaluate(model, t) >= 0.9 and evaluate(model, splits.test) >= 0.93
