@@ -3,19 +3,30 @@
 import pytest
 import torch
 
-from backdoorlab.attacks import ATTACKS, poison, poison_test
+from backdoorlab.attacks import ATTACKS, is_training_attack, poison, poison_test
 from backdoorlab.attacks.base import Attack
 from backdoorlab.errors import BackdoorLabError
 
-# parameter sets per attack for the conformance test; every registered attack must appear here
+# parameter sets per attack for the conformance test; every registered data-poisoning attack must appear here
 CASES = {
     "badnets": [{}, {"shape": "ball", "size": 5}, {"shape": "chessboard", "value": 0.1},
                 {"position": "random", "size": 2}, {"position": (1, 2), "size": 4, "value": 0.5}],
+    "blend": [{}, {"key": "kitty", "alpha": 0.2}, {"key": "target-sample", "alpha": 0.1, "combine": "add"},
+              {"key": "noise", "alpha": 0.3, "alpha_test": 0.5, "key_seed": 4}],
+    "multiplicative": [{}, {"factor": 0.5}],
+    "sig": [{"freq": 2}, {"delta": 30 / 255, "freq": 3, "delta_test": 40 / 255}],  # tiny is 12 wide: f < 6
+    "clean-label": [{"surrogate_epochs": 1, "steps": 2, "min_poison": 1},
+                    {"surrogate_epochs": 1, "steps": 2, "min_poison": 1, "norm": "l2", "eps": 0.5, "corners": "four",
+                     "pattern": "square", "amplitude": 0.5}],
+    "random-position": [{}, {"shape": "ball", "size": 4, "tolerance": 0.2}],
+    "wanet": [{}, {"k": 3, "s": 2.0, "cross_ratio": 0.5}, {"cross_ratio": 0}],
 }
 
 
 def all_cases():
     for name in ATTACKS.names():
+        if is_training_attack(name):
+            continue
         for params in CASES.get(name, [None]):
             yield pytest.param(name, params, id=f"{name}-{params}")
 
@@ -42,17 +53,25 @@ def test_conformance(name, params, mode, tiny):
                 "all-to-all": torch.ones_like(tiny.y, dtype=torch.bool), "clean-label": tiny.y == 2}[mode]
     assert int(p1.is_poison.sum()) == round(0.25 * int(eligible.sum()))
     assert bool((p1.is_poison & ~eligible).sum() == 0)
-    # ground truth consistent: y_source is the original label; only poisoned samples change
+    # ground truth consistent: y_source is the original label; only poisoned (and cross) samples change
     assert torch.equal(p1.y_source, tiny.y)
-    assert torch.equal(p1.x[~p1.is_poison], tiny.x[~p1.is_poison])
+    changed = (p1.x != tiny.x).flatten(1).any(1)
+    n_cross = int(attack.cross_ratio * int(p1.is_poison.sum()) + 0.5)  # round half up, as poison()
+    assert int((changed & ~p1.is_poison).sum()) <= n_cross
+    if n_cross == 0:
+        assert torch.equal(p1.x[~p1.is_poison], tiny.x[~p1.is_poison])
+    else:
+        assert int((changed & ~p1.is_poison).sum()) >= n_cross // 2  # cross samples are warped too
     assert torch.equal(p1.y[~p1.is_poison], tiny.y[~p1.is_poison])
     expected = {"all-to-one": torch.full_like(tiny.y, 2), "source-specific": torch.full_like(tiny.y, 2),
                 "all-to-all": (tiny.y + 1) % 3, "clean-label": tiny.y}[mode]
     assert torch.equal(p1.y[p1.is_poison], expected[p1.is_poison])
-    # the trigger keeps the value range and shape on float input, and does not modify it
-    xf = tiny.float_batch(slice(0, 8))
+    # the trigger (as bound to the test set) keeps the value range and shape on float input, and does not modify it
+    idx = torch.arange(8)
+    stamp = attack.bind(tiny, idx, target=2, mode=mode, training=False, generator=torch.Generator().manual_seed(0))
+    xf = tiny.float_batch(idx)
     before = xf.clone()
-    out = attack.apply_trigger(xf, torch.Generator().manual_seed(0))
+    out = stamp(xf, tiny.y[idx], torch.Generator().manual_seed(0))
     assert out.shape == xf.shape and out.dtype == xf.dtype
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
     assert torch.equal(xf, before)

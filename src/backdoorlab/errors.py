@@ -18,6 +18,10 @@ def format_validation_error(exc: Exception, prefix: str = "") -> str:
         return str(exc)
     lines = []
     for err in errors():
+        inner = (err.get("ctx") or {}).get("error")
+        if isinstance(inner, BackdoorLabError):  # raised by a component's own check: its message says it all
+            lines.append(str(inner))
+            continue
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
         key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
         msg = err.get("msg", "invalid value")

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from backdoorlab import metrics as M
+from backdoorlab.attacks.base import TrainingAttack
 from backdoorlab.config import ExperimentConfig, dump_config
 from backdoorlab.errors import BackdoorLabError
 from backdoorlab.store import RunRecord, Store, atomic_write_bytes, atomic_write_json, atomic_write_text, new_run_id
@@ -74,6 +75,9 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     t0 = time.perf_counter()
     a = cfg.attack
     attack = ATTACKS.build(a.name, a.extras(), where="attack")
+    if isinstance(attack, TrainingAttack):  # it poisons while training the victim: see train_victim
+        attack.check(splits.train, rate=a.rate, target=a.target, source=a.source, mode=a.mode)
+        return Prepared(splits, splits.train, None, attack, t)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     poisoned = poison(splits.train, attack, rate=a.rate, target=a.target, source=a.source, mode=a.mode, generator=g)
     triggered = poison_test(splits.test, attack, target=a.target, source=a.source, mode=a.mode,
@@ -90,6 +94,8 @@ def train_victim(cfg: ExperimentConfig, prep: Prepared, store: Store | None, cal
     device = setup_torch(cfg)
     data = prep.train_set
     spec = ModelSpec(cfg.model.name, data.num_classes, data.shape, cfg.model.extras())
+    if isinstance(prep.attack, TrainingAttack):
+        return _train_with_training_attack(cfg, prep, build_model(spec).to(device), callbacks)
     key = cfg.victim_key()
     cache = store.cache_path(key) if (store is not None and cfg.cache) else None
     if cache is not None and cache.is_file():
@@ -110,6 +116,23 @@ def train_victim(cfg: ExperimentConfig, prep: Prepared, store: Store | None, cal
         save_model(model, cache)
         atomic_write_json(cache.with_suffix(".history.json"), history)
     return model, history, False
+
+
+def _train_with_training_attack(cfg: ExperimentConfig, prep: Prepared, model: torch.nn.Module,
+                                callbacks=()) -> tuple[torch.nn.Module, dict, bool]:
+    """A :class:`TrainingAttack` trains the victim itself; it fills in ``prep.triggered_test`` (and
+    ``prep.train_set`` when it poisoned a fixed set). Not cached: the trigger is not stored."""
+    a = cfg.attack
+    t0 = time.perf_counter()
+    res = prep.attack.train_victim(model, prep.splits.train, cfg.train, rate=a.rate, target=a.target, source=a.source,
+                                   mode=a.mode, seed=cfg.seed, callbacks=tuple(callbacks))
+    t1 = time.perf_counter()
+    prep.triggered_test = res.triggered_test(prep.splits.test, target=a.target, source=a.source, mode=a.mode,
+                                             generator=torch.Generator().manual_seed(cfg.seed + 2))
+    if res.poisoned is not None:
+        prep.train_set = res.poisoned
+    log.info("training-time attack %s: victim trained in %.1f s", prep.attack.describe(), t1 - t0)
+    return res.model, res.history, False
 
 
 def evaluate_victim(model: torch.nn.Module, prep: Prepared, batch_size: int = 1024) -> dict[str, float]:

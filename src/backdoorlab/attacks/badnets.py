@@ -99,8 +99,9 @@ class BadNets(Attack):
         return triggers.stamp(x, pattern, mask, top, left)
 
 
-def _load_trigger_image(path: str, size: int) -> torch.Tensor:
-    """Read a trigger image (PNG/JPEG or .npy, values 0..255 or [0,1]) as float (C, size, size)."""
+def _load_trigger_image(path: str, size: int | tuple[int, int] | None) -> torch.Tensor:
+    """Read a trigger image (PNG/JPEG or .npy, values 0..255 or [0,1]) as float (C, size, size)
+    (or (C, h, w) for a (h, w) size; as stored for None)."""
     import numpy as np
 
     p = Path(path)
@@ -108,6 +109,8 @@ def _load_trigger_image(path: str, size: int) -> torch.Tensor:
         raise BackdoorLabError(f"trigger image not found: {p}")
     if p.suffix == ".npy":
         arr = np.load(p, allow_pickle=False).astype(np.float32)
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3)):
+            raise BackdoorLabError(f"the trigger image {p} must be grey (H, W) or colour (H, W, 3); got shape {arr.shape}")
         arr = arr / 255.0 if arr.max() > 1.0 else arr
         t = torch.from_numpy(arr)
         t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
@@ -121,7 +124,8 @@ def _load_trigger_image(path: str, size: int) -> torch.Tensor:
             raise BackdoorLabError(f"cannot read the trigger image {p}: {exc}") from exc
         t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
         t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
-    if t.shape[1:] != (size, size):
+    hw = None if size is None else ((size, size) if isinstance(size, int) else tuple(size))
+    if hw is not None and tuple(t.shape[1:]) != hw:
         # documented choice: resize (bilinear) to size x size rather than reject
-        t = torch.nn.functional.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+        t = torch.nn.functional.interpolate(t[None], size=hw, mode="bilinear", align_corners=False)[0]
     return t.clamp(0, 1)

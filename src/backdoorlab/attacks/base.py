@@ -9,13 +9,34 @@ Threat models (``mode``):
 
 ``rate`` is the fraction of the *eligible* samples that get poisoned (eligible: the non-target
 classes, the source class, all samples, or the target class, by mode).
+
+Two kinds of attack share the :data:`ATTACKS` registry:
+
+- :class:`Attack` (data poisoning): a pure ``apply_trigger``; :func:`poison` stamps the chosen
+  training samples and :func:`poison_test` builds the triggered test set. Two optional hooks,
+  both backward compatible (the defaults reproduce plain ``apply_trigger`` stamping):
+
+  * ``bind(data, index, *, target, mode, training, generator) -> stamp``: called once per set
+    before stamping, with the set and the indices about to be stamped; returns the function
+    ``stamp(x, y, generator)`` applied to float batches of those samples (``y``: their original
+    labels). Data-dependent poisoning overrides it: clean-label makes the training samples
+    adversarial on a surrogate trained on ``data`` before the patch (``training=True`` only);
+    blend's ``target-sample`` key draws its keys from ``data``; SIG may use a stronger test signal.
+  * ``cross_ratio`` / ``apply_cross(x, generator)``: "cross" (noise-mode) samples, stamped with a
+    non-trigger variant and kept at their labels, ``round(cross_ratio * n_poisoned)`` of them,
+    drawn from the samples not poisoned (WaNet's noise mode). They are not marked ``is_poison``.
+
+- :class:`TrainingAttack` (training time): it trains the victim itself (reusing
+  :func:`backdoorlab.train.train`) and returns a :class:`TrainedVictim`: the model and a trigger
+  function, from which :func:`triggered_test_set` builds the triggered test set.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import ClassVar, Literal
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 
@@ -27,6 +48,10 @@ log = logging.getLogger(__name__)
 
 Mode = Literal["all-to-one", "source-specific", "all-to-all", "clean-label"]
 MODES: tuple[str, ...] = ("all-to-one", "source-specific", "all-to-all", "clean-label")
+
+
+#: stamps a float batch (B, C, H, W) in [0, 1] of chosen samples, given their original labels (B,)
+Stamp = Callable[[torch.Tensor, torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
 
 class Attack:
@@ -49,8 +74,88 @@ class Attack:
     def describe(self) -> str:
         return type(self).__name__
 
+    def bind(
+        self, data: ImageSet, index: torch.Tensor, *, target: int, mode: str, training: bool,
+        generator: torch.Generator,
+    ) -> Stamp:
+        """The function that stamps the samples ``index`` of ``data`` (float batches, with their
+        original labels). Called once by :func:`poison` (``training=True``) and :func:`poison_test`
+        (``training=False``). Default: :meth:`apply_trigger`, for every sample and both sets."""
+        return lambda x, y, g: self.apply_trigger(x, g)
 
-ATTACKS: Registry[Attack] = Registry("attack")
+    @property
+    def cross_ratio(self) -> float:
+        """Cross (noise-mode) samples per poisoned sample; 0: none (the default)."""
+        return 0.0
+
+    def apply_cross(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The non-trigger variant stamped on cross samples (labels kept); only if ``cross_ratio > 0``."""
+        raise NotImplementedError(f"{self.describe()} has no cross samples")
+
+
+class TrainingAttack:
+    """A training-time attack: it trains the victim itself and returns it with its trigger.
+
+    Subclasses are frozen (pydantic) dataclasses like :class:`Attack`, registered in the same
+    :data:`ATTACKS` registry. :meth:`check` validates the threat model against the data before any
+    training; :meth:`train_victim` trains ``model`` (built by the caller, untrained) on the clean
+    ``data`` with the attack folded into training (through :func:`backdoorlab.train.train`'s
+    ``transform``/``loss_fn`` hooks or by poisoning a copy of the data).
+    """
+
+    modes: ClassVar[tuple[str, ...]] = ("all-to-one",)
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def check(self, data: ImageSet, *, rate: float, target: int, source: int | None, mode: str) -> None:
+        """Raise :class:`BackdoorLabError` for a threat model this attack cannot run on ``data``."""
+        check_threat_model(mode, target, source, data.num_classes)
+        if mode not in self.modes:
+            raise BackdoorLabError(f"attack {self.describe()} supports modes {', '.join(self.modes)}; got {mode!r}")
+        if not 0.0 < rate <= 1.0:
+            raise BackdoorLabError(f"attack.rate must lie in (0, 1]; got {rate}")
+
+    def train_victim(
+        self, model: torch.nn.Module, data: ImageSet, cfg: Any, *, rate: float, target: int,
+        source: int | None = None, mode: str = "all-to-one", seed: int = 0, callbacks: tuple = (),
+    ) -> "TrainedVictim":  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
+class TrainedVictim:
+    """What a :class:`TrainingAttack` returns.
+
+    ``trigger`` maps float (B, C, H, W) in [0, 1] to triggered images of the same shape and range
+    (deterministic; no gradient). ``poisoned`` is the poisoned training set when the attack used a
+    fixed one (pruning-aware), else None; ``attack`` the data-poisoning attack that made it (then
+    the triggered test set comes from :func:`poison_test` with it). ``details`` holds extra
+    measures for reports.
+    """
+
+    model: torch.nn.Module
+    trigger: Callable[[torch.Tensor], torch.Tensor]
+    history: dict = field(default_factory=dict)
+    poisoned: PoisonedSet | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    attack: Attack | None = None
+
+    def triggered_test(self, data: ImageSet, *, target: int, source: int | None = None, mode: str = "all-to-one",
+                       generator: torch.Generator | None = None) -> PoisonedSet:
+        """The triggered test set for ASR (see :func:`poison_test`)."""
+        if self.attack is not None:
+            return poison_test(data, self.attack, target=target, source=source, mode=mode, generator=generator)
+        return triggered_test_set(data, self.trigger, target=target, source=source, mode=mode)
+
+
+ATTACKS: Registry[Attack | TrainingAttack] = Registry("attack")
+
+
+def is_training_attack(name: str) -> bool:
+    """True when the registered attack ``name`` is a :class:`TrainingAttack` (no instance built)."""
+    factory = ATTACKS.get(name).factory
+    return isinstance(factory, type) and issubclass(factory, TrainingAttack)
 
 
 def eligible_mask(y: torch.Tensor, mode: str, target: int, source: int | None) -> torch.Tensor:
@@ -108,24 +213,41 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def apply_in_batches(attack: Attack, x: torch.Tensor, generator: torch.Generator | None, batch: int = 4096) -> torch.Tensor:
-    """Stamp uint8 images (N, C, H, W) in float batches; returns uint8."""
+def stamp_in_batches(
+    stamp: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator | None,
+    batch: int = 4096, what: str = "trigger",
+) -> torch.Tensor:
+    """Apply ``stamp(xb, yb, generator)`` (or ``stamp(xb)`` when ``y`` is None) to uint8 images
+    (N, C, H, W) in float batches; returns uint8 of the same shape."""
     out = torch.empty_like(x)
     for s in range(0, x.shape[0], batch):
         xb = x[s:s + batch].float().div_(255.0)
-        yb = attack.apply_trigger(xb, generator)
+        yb = stamp(xb) if y is None else stamp(xb, y[s:s + batch], generator)
         if yb.shape != xb.shape:
-            raise RuntimeError(f"{attack.describe()}: trigger changed the shape {tuple(xb.shape)} -> {tuple(yb.shape)}")
+            raise RuntimeError(f"{what}: changed the shape {tuple(xb.shape)} -> {tuple(yb.shape)}")
         out[s:s + batch] = _to_uint8(yb)
     return out
+
+
+def apply_in_batches(attack: Attack, x: torch.Tensor, generator: torch.Generator | None, batch: int = 4096) -> torch.Tensor:
+    """Stamp uint8 images (N, C, H, W) with ``attack.apply_trigger`` in float batches; returns uint8."""
+    return stamp_in_batches(lambda xb, yb, g: attack.apply_trigger(xb, g), x, torch.zeros(x.shape[0], dtype=torch.long),
+                            generator, batch, attack.describe())
 
 
 def poison(
     data: ImageSet, attack: Attack, *, rate: float, target: int, source: int | None = None,
     mode: str = "all-to-one", generator: torch.Generator | None = None,
 ) -> PoisonedSet:
-    """Poison a training set: choose samples, stamp them, relabel them (in place of the originals)."""
+    """Poison a training set: choose samples, stamp them, relabel them (in place of the originals).
+
+    Cross samples (``attack.cross_ratio > 0``): ``round(cross_ratio * n_poisoned)`` further samples,
+    drawn from the rest, get ``attack.apply_cross`` and keep their labels (``is_poison`` False).
+    """
     check_threat_model(mode, target, source, data.num_classes)
+    if isinstance(attack, TrainingAttack):
+        raise BackdoorLabError(f"{attack.describe()} is a training-time attack: it trains the victim itself "
+                               "(TrainingAttack.train_victim, or backdoorlab run); it cannot poison a data set")
     if mode not in attack.modes:
         raise BackdoorLabError(f"attack {attack.describe()} supports modes {', '.join(attack.modes)}; got {mode!r}")
     attack.check_image_shape(data.shape)
@@ -133,13 +255,41 @@ def poison(
     idx = choose_indices(data.y, rate=rate, mode=mode, target=target, source=source, generator=g)
     x = data.x.clone()
     y = data.y.clone()
-    x[idx] = apply_in_batches(attack, data.x[idx], g)
+    stamp = attack.bind(data, idx, target=target, mode=mode, training=True, generator=g)
+    x[idx] = stamp_in_batches(stamp, data.x[idx], data.y[idx], g, what=attack.describe())
     y[idx] = poisoned_labels(data.y[idx], mode, target, data.num_classes)
     is_poison = torch.zeros(len(data), dtype=torch.bool)
     is_poison[idx] = True
-    log.info("poisoned %d of %d samples (%s, target %s)", idx.numel(), len(data), mode, target)
+    n_cross = 0
+    if attack.cross_ratio > 0:
+        rest = torch.nonzero(~is_poison).flatten()
+        n_cross = min(rest.numel(), int(math.floor(attack.cross_ratio * idx.numel() + 0.5)))
+        cross = rest[torch.randperm(rest.numel(), generator=g)[:n_cross]].sort().values
+        x[cross] = stamp_in_batches(lambda xb, yb, gg: attack.apply_cross(xb, gg), data.x[cross], data.y[cross], g,
+                                    what=attack.describe())
+    log.info("poisoned %d of %d samples (%s, target %s; %d cross samples)", idx.numel(), len(data), mode, target, n_cross)
     return PoisonedSet(x, y, data.num_classes, data.class_names, f"{data.name}-poisoned",
                        is_poison=is_poison, y_source=data.y.clone())
+
+
+def _test_indices(data: ImageSet, target: int, source: int | None, mode: str) -> torch.Tensor:
+    if mode == "source-specific":
+        keep = data.y == source
+    elif mode == "all-to-all":
+        keep = torch.ones_like(data.y, dtype=torch.bool)
+    else:
+        keep = data.y != target
+    idx = torch.nonzero(keep).flatten()
+    if idx.numel() == 0:
+        raise BackdoorLabError("the test set has no samples the attack should flip (check source/target)")
+    return idx
+
+
+def _triggered(data: ImageSet, idx: torch.Tensor, x: torch.Tensor, target: int, mode: str) -> PoisonedSet:
+    y_src = data.y[idx]
+    y_new = (y_src + 1) % data.num_classes if mode == "all-to-all" else torch.full_like(y_src, target)
+    return PoisonedSet(x, y_new, data.num_classes, data.class_names, f"{data.name}-triggered",
+                       is_poison=torch.ones(idx.numel(), dtype=torch.bool), y_source=y_src.clone())
 
 
 def poison_test(
@@ -152,17 +302,18 @@ def poison_test(
     check_threat_model(mode, target, source, data.num_classes)
     attack.check_image_shape(data.shape)
     g = generator if generator is not None else torch.Generator().manual_seed(1)
-    if mode == "source-specific":
-        keep = data.y == source
-    elif mode == "all-to-all":
-        keep = torch.ones_like(data.y, dtype=torch.bool)
-    else:
-        keep = data.y != target
-    idx = torch.nonzero(keep).flatten()
-    if idx.numel() == 0:
-        raise BackdoorLabError("the test set has no samples the attack should flip (check source/target)")
-    x = apply_in_batches(attack, data.x[idx], g)
-    y_src = data.y[idx]
-    y_new = (y_src + 1) % data.num_classes if mode == "all-to-all" else torch.full_like(y_src, target)
-    return PoisonedSet(x, y_new, data.num_classes, data.class_names, f"{data.name}-triggered",
-                       is_poison=torch.ones(idx.numel(), dtype=torch.bool), y_source=y_src.clone())
+    idx = _test_indices(data, target, source, mode)
+    stamp = attack.bind(data, idx, target=target, mode=mode, training=False, generator=g)
+    x = stamp_in_batches(stamp, data.x[idx], data.y[idx], g, what=attack.describe())
+    return _triggered(data, idx, x, target, mode)
+
+
+def triggered_test_set(
+    data: ImageSet, trigger: Callable[[torch.Tensor], torch.Tensor], *, target: int, source: int | None = None,
+    mode: str = "all-to-one", batch: int = 1024,
+) -> PoisonedSet:
+    """Like :func:`poison_test` for a trigger function (a :class:`TrainedVictim`'s ``trigger``)."""
+    check_threat_model(mode, target, source, data.num_classes)
+    idx = _test_indices(data, target, source, mode)
+    x = stamp_in_batches(trigger, data.x[idx], None, None, batch, what="trigger function")
+    return _triggered(data, idx, x, target, mode)

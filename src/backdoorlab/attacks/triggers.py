@@ -58,3 +58,34 @@ def add_clipped(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def blend(x: torch.Tensor, k: torch.Tensor, alpha: float) -> torch.Tensor:
     """(1 - alpha) x + alpha k."""
     return (1.0 - alpha) * x + alpha * k.to(x)
+
+
+def scale_clipped(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """clip(factor * x) to [0, 1]."""
+    return (x * factor).clamp_(0.0, 1.0)
+
+
+def sinusoid(h: int, w: int, delta: float, freq: float) -> torch.Tensor:
+    """(h, w) horizontal sinusoid v(i, j) = delta * sin(2 pi j f / w), j = 0..w-1 (Barni et al. 2019)."""
+    j = torch.arange(w, dtype=torch.float32)
+    return (delta * torch.sin(2.0 * torch.pi * j * freq / w)).expand(h, w).clone()
+
+
+def identity_grid(h: int, w: int) -> torch.Tensor:
+    """(1, h, w, 2) sampling grid of ``grid_sample`` (x, y order, align_corners=True) that copies the image."""
+    ys = torch.linspace(-1.0, 1.0, h)
+    xs = torch.linspace(-1.0, 1.0, w)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack((gx, gy), dim=-1)[None]
+
+
+def warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Resample ``x`` (B, C, H, W) at ``grid`` ((1|B), H, W, 2) in [-1, 1] (bilinear, align_corners=True)."""
+    g = grid.to(x).expand(x.shape[0], -1, -1, -1)
+    return torch.nn.functional.grid_sample(x, g, mode="bilinear", padding_mode="border", align_corners=True).clamp_(0.0, 1.0)
+
+
+def window_means(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Mean intensity (over channels and the window) of every ``size`` x ``size`` window:
+    (B, C, H, W) -> (B, H - size + 1, W - size + 1); entry (r, c) is the window with top-left (r, c)."""
+    return torch.nn.functional.avg_pool2d(x.mean(1, keepdim=True), size, stride=1)[:, 0]
