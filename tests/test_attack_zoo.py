@@ -263,3 +263,11 @@ def test_training_attacks_are_registered_as_such():
     assert {n for n in ATTACKS.names() if is_training_attack(n)} == {"input-aware", "pruning-aware"}
     assert isinstance(ATTACKS.create("pruning-aware"), TrainingAttack)
     assert ATTACKS.create("pruning-aware", trigger={"name": "sig"}).modes == ("clean-label",)
+
+
+def test_trigger_grid_is_a_png_of_three_rows():
+    from backdoorlab.plots import trigger_grid
+
+    x = torch.rand(4, 3, 16, 16)
+    png = trigger_grid(x, (x + 0.1).clamp(0, 1), "t")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000

@@ -59,6 +59,29 @@ def sample_grid(
     return _to_png(fig)
 
 
+def trigger_grid(clean: torch.Tensor, triggered: torch.Tensor, title: str = "") -> bytes:
+    """Three rows: clean images, the same images triggered, and the trigger itself
+    (|triggered - clean|, scaled by its largest value over all images), e.g. to show that an input-aware
+    attack gives every image its own trigger. ``clean``/``triggered``: (n, C, H, W) uint8 or float."""
+    plt = _plt()
+    c = clean.float() / 255.0 if clean.dtype == torch.uint8 else clean.float()
+    t = triggered.float() / 255.0 if triggered.dtype == torch.uint8 else triggered.float()
+    diff = (t - c).abs()
+    diff = diff / diff.max().clamp_min(1e-8)
+    n = c.shape[0]
+    fig, axes = plt.subplots(3, n, figsize=(1.3 * n + 0.6, 4.2), squeeze=False)
+    for i in range(n):
+        _show(axes[0, i], c[i])
+        _show(axes[1, i], t[i])
+        _show(axes[2, i], diff[i])
+    for r, label in enumerate(("clean", "triggered", "trigger")):
+        axes[r, 0].set_ylabel(label, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _to_png(fig)
+
+
 def training_curves(epochs: Sequence[dict], title: str = "") -> bytes:
     """Loss and training accuracy per epoch (from :class:`backdoorlab.train.History`)."""
     plt = _plt()
