@@ -79,16 +79,17 @@ def load_data(data: str) -> tuple[ImageSet, ImageSet]:
 
 def victim(data: str = "mnist", trigger: str = "patch", *, model: str = "cnn", epochs: int = 5, seed: int = 0,
            rate: float = 0.1, target: int = 0, mode: str = "all-to-one", source: int | None = None,
-           lr: float = 0.05, crop_padding: int = 0, flip: bool = False) -> Victim:
+           lr: float = 0.05, crop_padding: int = 0, flip: bool = False, holdout_fraction: float = 0.05) -> Victim:
     train_set, test_set = load_data(data)
-    splits = make_splits(train_set, test_set, seed=seed, holdout_fraction=0.05)
+    splits = make_splits(train_set, test_set, seed=seed, holdout_fraction=holdout_fraction)
     attack: Attack = ATTACKS.create("badnets", size=3) if trigger == "patch" else NoiseBlend(splits.train.shape)
     g = torch.Generator().manual_seed(seed + 1)
     poisoned = poison(splits.train, attack, rate=rate, target=target, source=source, mode=mode, generator=g)
     triggered = poison_test(splits.test, attack, target=target, source=source, mode=mode,
                             generator=torch.Generator().manual_seed(seed + 2))
     cfg = TrainConfig(epochs=epochs, lr=lr, crop_padding=crop_padding, flip=flip)
-    key = hashlib.sha256(json.dumps([data, trigger, model, seed, rate, target, mode, source, cfg.model_dump()],
+    extra = [] if holdout_fraction == 0.05 else [holdout_fraction]
+    key = hashlib.sha256(json.dumps([data, trigger, model, seed, rate, target, mode, source, cfg.model_dump(), *extra],
                                     sort_keys=True).encode()).hexdigest()[:16]
     path = CACHE / f"{data}-{trigger}-{model}-{key}.safetensors"
     seconds = -1.0

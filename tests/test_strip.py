@@ -137,6 +137,12 @@ def test_strip_detects_badnets_patch(victim):
     auroc = M.auroc(torch.cat([clean.scores, trig.scores]),
                     torch.cat([torch.zeros(len(clean.scores)), torch.ones(len(trig.scores))]))
     assert frr <= 0.03 and far <= 0.02 and auroc > 0.99, (frr, far, auroc)
+    # the traced inference copy gives the eager model's entropies
+    few = victim.holdout.subset(torch.arange(200))
+    eager = DEFENSES.create("strip", samples=10, accelerate=False).fit(victim.model, few)
+    fast = DEFENSES.create("strip", samples=10).fit(victim.model, few)
+    assert isinstance(fast.model, torch.jit.ScriptModule) and not isinstance(eager.model, torch.jit.ScriptModule)
+    assert torch.allclose(eager.entropy(victim.triggered.x[:50]), fast.entropy(victim.triggered.x[:50]), atol=1e-4)
     # the guarded model answers K = 10 for flagged inputs and the model's class otherwise
     x = torch.cat([victim.test.x[:20], victim.triggered.x[:20]])
     pred, res = Guarded(victim.model, det).guard(x)

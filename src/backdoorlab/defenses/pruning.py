@@ -66,6 +66,7 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from backdoorlab.defenses.base import DEFENSES, RepairResult, Repairer
+from backdoorlab.defenses.inference import inference_model
 from backdoorlab.errors import BackdoorLabError
 from backdoorlab.types import ImageSet
 
@@ -194,16 +195,21 @@ def _count(masks: dict[str, torch.Tensor], name: str) -> int:
 
 # ----------------------------------------------------------------------------- evaluation
 class _Evaluator:
-    """Held-out accuracy, and CA / ASR when evaluation sets are given."""
+    """Held-out accuracy, and CA / ASR when evaluation sets are given. With ``accelerate`` each
+    evaluation runs on a traced, frozen inference copy of the model (:func:`inference_model`)."""
 
-    def __init__(self, clean: ImageSet, eval_clean: ImageSet | None, eval_triggered: ImageSet | None, batch_size: int) -> None:
+    def __init__(self, clean: ImageSet, eval_clean: ImageSet | None, eval_triggered: ImageSet | None, batch_size: int,
+                 accelerate: bool = False) -> None:
         self.sets = {"holdout_accuracy": clean, "clean_accuracy": eval_clean, "attack_success_rate": eval_triggered}
         self.batch_size = batch_size
+        self.accelerate = accelerate
+        self.probe = clean.float_batch(slice(0, 8))
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        from backdoorlab.train import evaluate
+        from backdoorlab.train import evaluate, model_device
 
-        return {k: evaluate(model, d, self.batch_size) for k, d in self.sets.items() if d is not None}
+        fast = inference_model(model, self.probe.to(model_device(model))) if self.accelerate else model
+        return {k: evaluate(fast, d, self.batch_size) for k, d in self.sets.items() if d is not None}
 
 
 def _check_sets(model: nn.Module, clean: ImageSet, eval_clean: ImageSet | None, eval_triggered: ImageSet | None) -> None:
@@ -232,6 +238,7 @@ class _PruneParams:
     fraction: Optional[float] = Field(None, ge=0, lt=1, description="prune exactly this fraction (default: by tolerance)")
     tolerance: float = Field(0.02, ge=0, le=1, description="largest clean accuracy drop accepted while pruning")
     batch_size: int = Field(256, ge=1, description="evaluation batch size")
+    accelerate: bool = Field(True, description="evaluate each step on a traced, frozen inference copy (checked against eager)")
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -390,7 +397,7 @@ class Pruning(_PruneParams, Repairer):
                eval_triggered: ImageSet | None = None) -> RepairResult:
         _check_sets(model, clean, eval_clean, eval_triggered)
         work = copy.deepcopy(model).eval()
-        ev = _Evaluator(clean, eval_clean, eval_triggered, self.batch_size)
+        ev = _Evaluator(clean, eval_clean, eval_triggered, self.batch_size, self.accelerate)
         pr = _Pruner(self, work, clean)
         curve, steps = _pruning_curve(pr, work, clean, ev)
         f, masks, m = steps[_choose(self, steps)]
@@ -459,7 +466,7 @@ class FinePruning(_PruneParams, _TuneParams, Repairer):
                eval_triggered: ImageSet | None = None) -> RepairResult:
         _check_sets(model, clean, eval_clean, eval_triggered)
         work = copy.deepcopy(model).eval()
-        ev = _Evaluator(clean, eval_clean, eval_triggered, self.batch_size)
+        ev = _Evaluator(clean, eval_clean, eval_triggered, self.batch_size, self.accelerate)
         pr = _Pruner(self, work, clean)
         if self.schedule == "once":
             return self._once(pr, work, clean, ev)
