@@ -43,34 +43,36 @@ def bias_map_grid(rows: Sequence[dict], *, title: str = "", highlight: Sequence[
     return _to_png(fig)
 
 
+def _mosaic(grid: torch.Tensor, pad: int = 1) -> torch.Tensor:
+    """(R, Q, C, H, W) images in [0, 1] -> one (C, R*(H+pad)-pad, Q*(W+pad)-pad) image, grey gaps."""
+    r, q, c, h, w = grid.shape
+    padded = torch.nn.functional.pad(grid.float().clamp(0, 1), (0, pad, 0, pad), value=0.5)
+    tiled = padded.permute(2, 0, 3, 1, 4).reshape(c, r * (h + pad), q * (w + pad))
+    return tiled[:, : r * (h + pad) - pad, : q * (w + pad) - pad]
+
+
 def pair_grid(suspect: torch.Tensor, reference: torch.Tensor | None = None, *, title: str = "",
               highlight: Sequence[tuple[int, int]] = ()) -> bytes:
-    """(K, K, C, H, W) mean images, rows = source, columns = predicted class; the reference's
-    grid on the right when given. Highlighted (source, target) cells get a red frame."""
+    """(K, K, C, H, W) mean images, rows = source, columns = predicted class (one mosaic per model);
+    the reference's grid on the right when given. Highlighted (source, target) cells of the suspect
+    get a red frame."""
     plt = _plt()
-    k = suspect.shape[0]
+    k, _, c, h, w = suspect.shape
     grids = [("suspect", suspect)] + ([("reference", reference)] if reference is not None else [])
-    cols = k * len(grids) + (len(grids) - 1)
-    fig, axes = plt.subplots(k, cols, figsize=(0.55 * cols + 0.6, 0.55 * k + 0.8), squeeze=False)
-    for g, (name, grid) in enumerate(grids):
-        off = g * (k + 1)
-        for s in range(k):
-            for t in range(k):
-                ax = axes[s, off + t]
-                _show(ax, grid[s, t])
-                if (s, t) in highlight and name == "suspect":
-                    for sp in ax.spines.values():
-                        sp.set_edgecolor("crimson")
-                        sp.set_linewidth(2)
-                if s == 0:
-                    ax.set_title(str(t), fontsize=7)
-                if t == 0:
-                    ax.set_ylabel(str(s), fontsize=7)
-        axes[0, off + k // 2].set_title(f"{name}\n{k // 2}", fontsize=8)
-    for g in range(len(grids) - 1):
-        for s in range(k):
-            axes[s, g * (k + 1) + k].axis("off")
-    fig.suptitle((title + "\n" if title else "") + "rows: source, columns: predicted class", fontsize=9)
+    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids) + 0.4, 4.6), squeeze=False)
+    for ax, (name, grid) in zip(axes[0], grids):
+        _show(ax, _mosaic(grid))
+        step_y, step_x = h + 1, w + 1
+        ax.set_xticks([j * step_x + w / 2 - 0.5 for j in range(k)], [str(j) for j in range(k)], fontsize=7)
+        ax.set_yticks([i * step_y + h / 2 - 0.5 for i in range(k)], [str(i) for i in range(k)], fontsize=7)
+        ax.set_xlabel("predicted class", fontsize=8)
+        ax.set_ylabel("source", fontsize=8)
+        ax.set_title(name, fontsize=9)
+        if name == "suspect":
+            for s, t in highlight:
+                ax.add_patch(plt.Rectangle((t * step_x - 0.5, s * step_y - 0.5), w, h, fill=False, ec="crimson", lw=1.5))
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _to_png(fig)
 

@@ -138,6 +138,30 @@ def _run(model: nn.Module, starts: torch.Tensor, start_idx: torch.Tensor, target
     return _Maps(maps, counts)
 
 
+MAD_FLOOR = 0.01  # pixel units: a pixel whose change is this consistent across classes is not "infinitely" odd
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor, statistic: str, window: int) -> torch.Tensor:
+    """Distance per group between maps ``a`` and ``b`` (G, C, H, W) (a class, or a pair cell).
+
+    ``euclidean``: ||a - b||_2 (the seed's figure 8). ``local``: the difference D = a - b
+    (channels averaged) is turned, pixel by pixel, into a robust z-score across the groups,
+    (D_g - median_g D) / (1.4826 MAD_g D + 0.01); the statistic is the largest |mean z| over
+    ``window`` x ``window`` windows. A planted trigger changes one group's map in one place where
+    the other groups' maps agree; two independently trained models differ everywhere, and at
+    pixels where every class differs (or differs erratically) the z-score stays small.
+    """
+    diff = a - b
+    if statistic == "euclidean":
+        return diff.flatten(1).norm(dim=1)
+    d = diff.mean(1)  # (G, H, W)
+    med = d.median(0).values
+    mad = (d - med).abs().median(0).values * 1.4826 + MAD_FLOOR
+    z = ((d - med) / mad)[:, None]
+    w = min(window, d.shape[-1], d.shape[-2])
+    return F.avg_pool2d(z, w, stride=1).abs().flatten(1).amax(1)
+
+
 def _median_others(maps: torch.Tensor) -> torch.Tensor:
     """(K, D) -> (K, D): row k is the elementwise median of the other rows."""
     k = maps.shape[0]
@@ -153,6 +177,10 @@ class BiasMaps(Inspector):
     iterations: int = Field(10, description="I-FGSM iterations (the seed: 10)")
     samples_per_class: int = Field(1000, ge=1, description="Algorithm I: starting images per target class (the seed: 1,000)")
     pair_samples: int = Field(20, ge=0, description="Algorithm II: starting images per (source, target) pair; 0 skips it")
+    statistic: Literal["euclidean", "local"] = Field(
+        "euclidean", description="map distance: euclidean (the seed's) or local (largest window of the difference's "
+                                 "robust z-score across classes)")
+    window: int = Field(5, ge=1, description="local statistic: window side in pixels")
     threshold: float = Field(3.0, gt=0.0, description="MAD anomaly index above which a class is flagged")
     pair_threshold: float = Field(4.0, gt=0.0, description="MAD anomaly index above which a pair is flagged")
     reference: Optional[str] = Field(None, description="reference model file (TorchScript or safetensors); or pass one to inspect()")
@@ -260,6 +288,32 @@ class BiasMaps(Inspector):
                                    "give a reference model trained on the same classes as the suspect")
 
     # ------------------------------------------------------------------ API
+    def model_maps(self, model: nn.Module, clean: ImageSet) -> dict[str, dict]:
+        """Both algorithms on one model for every (input kind, eps) setting, keyed ``kind@eps``:
+        ``maps`` (K, C, H, W), ``percent`` (K,), and with Algorithm II ``pair_maps`` (K, K, C, H, W)
+        and ``pair_counts`` (K, K); ``seconds_algorithm1`` / ``seconds_algorithm2``. The starting
+        images depend only on ``seed`` and ``clean``, so two models' maps are comparable."""
+        from backdoorlab.defenses.inference import inference_model
+
+        check_model_matches(model, clean)
+        with frozen(model):
+            fast = inference_model(model, torch.zeros(2, *clean.shape), accelerate=False)
+        k = clean.num_classes
+        out: dict[str, dict] = {}
+        for kind in self.inputs:
+            for e in self.eps:
+                s0 = time.perf_counter()
+                a = self.algorithm1(fast, clean, kind, float(e))
+                entry = {"kind": kind, "eps": float(e), "maps": a.maps, "percent": a.percent,
+                         "seconds_algorithm1": time.perf_counter() - s0}
+                if self.pair_samples > 0:
+                    s0 = time.perf_counter()
+                    b = self.algorithm2(fast, clean, kind, float(e))
+                    entry.update(pair_maps=b.maps.view(k, k, *clean.shape), pair_counts=b.counts.view(k, k),
+                                 seconds_algorithm2=time.perf_counter() - s0)
+                out[f"{kind}@{float(e):g}"] = entry
+        return out
+
     def inspect(self, model: nn.Module, clean: ImageSet, reference: nn.Module | None = None) -> InspectionResult:
         """Compare the suspect ``model``'s bias maps with those of ``reference`` (or of the model
         file named by the ``reference`` field; without either, the no-reference fallback).
@@ -275,51 +329,50 @@ class BiasMaps(Inspector):
             reference = self.load_reference(clean)
         if reference is not None:
             self.check_reference(model, reference, clean)
-        from backdoorlab.defenses.inference import inference_model
+        sus = self.model_maps(model, clean)
+        ref = self.model_maps(reference, clean) if reference is not None else None
+        res = self.compare(sus, ref)
+        res.details["seconds"] = time.perf_counter() - t0
+        return res
 
-        probe = torch.zeros(2, *clean.shape)
-        with frozen(model):
-            sus = inference_model(model, probe, accelerate=False)
-        ref = None
-        if reference is not None:
-            with frozen(reference):
-                ref = inference_model(reference, probe, accelerate=False)
-        k = clean.num_classes
-        settings = [(kind, float(e)) for kind in self.inputs for e in self.eps]
+    def compare(self, suspect: dict[str, dict], reference: dict[str, dict] | None) -> InspectionResult:
+        """The verdict from two :meth:`model_maps` outputs (same settings); ``reference`` None is the
+        no-reference fallback (each class against the median of the others)."""
+        if reference is not None and set(reference) != set(suspect):
+            raise BackdoorLabError(f"the reference maps have settings {sorted(reference)} but the suspect's "
+                                   f"{sorted(suspect)}; compute both with the same bias-maps parameters")
         per_setting: dict[str, dict] = {}
         class_norm, class_raw, pair_norm, pair_raw = [], [], [], []
-        t1 = 0.0
-        t2 = 0.0
-        for kind, e in settings:
-            name = f"{kind}@{e:g}"
-            s0 = time.perf_counter()
-            a = self.algorithm1(sus, clean, kind, e)
-            b = self.algorithm1(ref, clean, kind, e) if ref is not None else None
-            t1 += time.perf_counter() - s0
-            flat = a.maps.flatten(1)
-            other = b.maps.flatten(1) if b is not None else _median_others(flat)
-            dist = (flat - other).norm(dim=1)
-            entry = {"kind": kind, "eps": e, "suspect": a.maps, "suspect_percent": a.percent,
-                     "reference": b.maps if b is not None else None,
-                     "reference_percent": b.percent if b is not None else None, "distance": dist}
+        t1 = t2 = 0.0
+        k = next(iter(suspect.values()))["maps"].shape[0]
+        for name, a in suspect.items():
+            b = reference[name] if reference is not None else None
+            if b is not None and b["maps"].shape != a["maps"].shape:
+                raise BackdoorLabError(f"the reference maps have shape {tuple(b['maps'].shape)} but the suspect's "
+                                       f"{tuple(a['maps'].shape)}: the two models must share classes and image shape")
+            t1 += a["seconds_algorithm1"] + (b["seconds_algorithm1"] if b is not None else 0.0)
+            maps = a["maps"]
+            other = b["maps"] if b is not None else _median_others(maps.flatten(1)).view_as(maps)
+            dist = _distance(maps, other, self.statistic, self.window)
+            entry = {"kind": a["kind"], "eps": a["eps"], "suspect": a["maps"], "suspect_percent": a["percent"],
+                     "reference": b["maps"] if b is not None else None,
+                     "reference_percent": b["percent"] if b is not None else None, "distance": dist}
             class_raw.append(dist)
             class_norm.append(dist / dist.median().clamp_min(1e-12))
-            if self.pair_samples > 0:
-                s0 = time.perf_counter()
-                pa = self.algorithm2(sus, clean, kind, e)
-                pb = self.algorithm2(ref, clean, kind, e) if ref is not None else None
-                t2 += time.perf_counter() - s0
-                grid = pa.maps.view(k, k, -1)
-                if pb is not None:
-                    pd = (grid - pb.maps.view(k, k, -1)).norm(dim=2)
+            if "pair_maps" in a:
+                t2 += a["seconds_algorithm2"] + (b["seconds_algorithm2"] if b is not None else 0.0)
+                grid = a["pair_maps"]
+                if b is not None:
+                    other_grid = b["pair_maps"]
                 else:  # cell (s, t) against the median of column t's other cells
-                    cols = grid.transpose(0, 1)  # (t, s, D)
-                    pd = (cols - torch.stack([_median_others(c) for c in cols])).norm(dim=2).transpose(0, 1)
-                pd = pd.clone()
-                pd.fill_diagonal_(float("nan"))
-                entry.update(pair_suspect=pa.maps.view(k, k, *clean.shape), pair_suspect_counts=pa.counts.view(k, k),
-                             pair_reference=pb.maps.view(k, k, *clean.shape) if pb is not None else None,
-                             pair_reference_counts=pb.counts.view(k, k) if pb is not None else None, pair_distance=pd)
+                    cols = grid.flatten(2).transpose(0, 1)  # (t, s, D)
+                    other_grid = torch.stack([_median_others(c) for c in cols]).transpose(0, 1).reshape(grid.shape)
+                off = ~torch.eye(k, dtype=torch.bool)  # (s, s) cells hold the images that never left s
+                pd = torch.full((k, k), float("nan"))
+                pd[off] = _distance(grid[off], other_grid[off], self.statistic, self.window)
+                entry.update(pair_suspect=a["pair_maps"], pair_suspect_counts=a["pair_counts"],
+                             pair_reference=b["pair_maps"] if b is not None else None,
+                             pair_reference_counts=b["pair_counts"] if b is not None else None, pair_distance=pd)
                 pair_raw.append(pd)
                 pair_norm.append(pd / pd.nanmedian().clamp_min(1e-12))
             per_setting[name] = entry
@@ -334,18 +387,17 @@ class BiasMaps(Inspector):
             pair_anomaly = mad_anomaly_index(pair_stat.flatten()).view(k, k).float()
             flagged_pairs = [(int(s), int(t)) for s, t in torch.nonzero(pair_anomaly > self.pair_threshold).tolist()]
             flagged_pairs.sort(key=lambda st: -float(pair_anomaly[st]))
-        seconds = time.perf_counter() - t0
-        log.info("bias maps (%s reference): %d settings, %.1f s (alg. I %.1f s, alg. II %.1f s); flagged classes %s, pairs %s",
-                 "a" if ref is not None else "no", len(settings), seconds, t1, t2, flagged, flagged_pairs)
+        log.info("bias maps (%s reference): %d settings (alg. I %.1f s, alg. II %.1f s); flagged classes %s, pairs %s",
+                 "a" if reference is not None else "no", len(suspect), t1, t2, flagged, flagged_pairs)
         return InspectionResult(
             backdoored=bool(flagged or flagged_pairs), flagged_pairs=flagged_pairs, flagged_targets=flagged,
             scores=class_stat.float(), anomaly=class_anomaly, patterns=None,
             details={
-                "bias_maps": per_setting, "reference": "model" if ref is not None else "none",
+                "bias_maps": per_setting, "reference": "model" if reference is not None else "none",
                 "class_distance": torch.stack(class_raw).mean(0), "class_statistic": class_stat.float(),
                 "pair_distance": torch.stack(pair_raw).mean(0) if pair_raw else None,
                 "pair_statistic": pair_stat, "pair_anomaly": pair_anomaly,
-                "top_class": int(class_stat.argmax()), "settings": [f"{kk}@{e:g}" for kk, e in settings],
-                "seconds": seconds, "seconds_algorithm1": t1, "seconds_algorithm2": t2,
+                "top_class": int(class_stat.argmax()), "settings": list(suspect),
+                "seconds": t1 + t2, "seconds_algorithm1": t1, "seconds_algorithm2": t2,
             },
         )
