@@ -102,6 +102,32 @@ def victim(sp, attack: str | None, source: int | None, target: int | None, seed:
     return model, evaluate(model, sp.test), (evaluate(model, trig) if trig is not None else None), n_poison, seconds
 
 
+def finetuned(sp, reference, attack: str | None, source: int | None, target: int | None):
+    """Seed 002's own protocol: the clean reference fine-tuned for one epoch (lr 0.01) on data with
+    2,000 poisoned source images (or on the clean data: the control). Returns (model, CA, ASR)."""
+    import copy
+
+    tune = TrainConfig(epochs=1, lr=0.01)
+    key = hashlib.sha256(json.dumps([attack, source, target, POISONED, tune.model_dump(), "biasmaps-ft-v1"],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    path = CACHE / f"biasmaps-ft-{attack or 'clean'}-{source}-{target}-{key}.safetensors"
+    data, trig = sp.train, None
+    if attack is not None:
+        atk = make_attack(attack)
+        n_src = int((sp.train.y == source).sum())
+        data = poison(sp.train, atk, rate=POISONED / n_src, target=target, source=source, mode="source-specific",
+                      generator=torch.Generator().manual_seed(11)).without_ground_truth()
+        trig = poison_test(sp.test, atk, target=target, source=source, mode="source-specific")
+    if path.is_file():
+        model = load_model(path)
+    else:
+        model = copy.deepcopy(reference).train()
+        train(model, data, tune, seed=5)
+        save_model(model, path)
+    model.eval()
+    return model, evaluate(model, sp.test), (evaluate(model, trig) if trig is not None else None)
+
+
 def all_victims(sp):
     out = {"reference": (None, None, None, 1), "clean suspect": (None, None, None, 2)}
     for s, t in PAIRS:
@@ -112,14 +138,80 @@ def all_victims(sp):
     return out
 
 
+def report(insp, maps, victims, args, statistic: str) -> None:
+    """Compare every suspect's maps with the reference's; print one row each and the bars."""
+    rows = []
+    for name, (m, attack, s, t) in victims.items():
+        if name == "reference":
+            continue
+        res = insp.compare(maps[name], maps["reference"])
+        alone = insp.compare(maps[name], None)
+        d = res.details
+        stat = d["class_statistic"]
+        order = stat.argsort(descending=True).tolist()
+        top = order[0]
+        hit = "-" if attack is None else ("target" if top == t else "source" if top == s else "no")
+        pa = d["pair_anomaly"]
+        top_pair = None
+        if pa is not None:
+            a = pa.clone()
+            a[~a.isfinite()] = -float("inf")
+            top_pair = divmod(int(a.flatten().argmax()), 10)
+        rows.append(dict(name=name, attack=attack, s=s, t=t, top=top, hit=hit,
+                         rank_t=(order.index(t) + 1) if t is not None else None,
+                         flagged=res.flagged_targets, pairs=res.flagged_pairs[:3], top_pair=top_pair,
+                         anomaly_t=float(res.anomaly[t]) if t is not None else None,
+                         max_anomaly=float(res.anomaly.max()), alone_top=int(alone.details["class_statistic"].argmax()),
+                         dist=[round(float(v), 2) for v in d["class_distance"]],
+                         anomaly=[round(float(v), 1) for v in res.anomaly]))
+        if args.figures is not None:
+            from backdoorlab.plots_biasmaps import figures
+            from backdoorlab.store import atomic_write_bytes
+
+            for fname, png in figures(res).items():
+                atomic_write_bytes(args.figures / statistic / name.replace(" ", "_").replace(">", "") / fname, png)
+
+    def score(prefix):
+        rs = [r for r in rows if r["name"].startswith(prefix)]
+        return sum(r["hit"] in ("target", "source") for r in rs), len(rs)
+
+    print()
+    print(f"### statistic: {statistic}")
+    print()
+    print("| suspect | top class | target / source | flagged classes | anomaly index per class | top pair (Alg. II) | flagged pairs | no-reference top |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        st = "-" if r["t"] is None else f"{r['t']} / {r['s']} (target rank {r['rank_t']})"
+        print(f"| {r['name']} | {r['top']} ({r['hit']}) | {st} | {r['flagged'] or 'none'} | {r['anomaly']} | {r['top_pair']} | "
+              f"{r['pairs'] or 'none'} | {r['alone_top']} |")
+    hp, np_ = score("patch")
+    hr, nr = score("random-position")
+    clean_row = next(r for r in rows if r["name"] == "clean suspect")
+    print()
+    print(f"- experiment I (fixed patch): largest statistic at the target or the source in {hp}/{np_} (bar 4/4)")
+    print(f"- experiment II (random position): {hr}/{nr}")
+    print(f"- clean suspect vs reference: flagged {clean_row['flagged'] or 'nothing'} (bar: nothing)")
+    if any(r["name"].startswith("ft ") for r in rows):
+        hf, nf = score("ft patch")
+        ft_clean = next(r for r in rows if r["name"] == "ft clean suspect")
+        print(f"- seed's protocol (suspect fine-tuned from the reference), fixed patch: {hf}/{nf}; "
+              f"clean fine-tune flagged {ft_clean['flagged'] or 'nothing'}")
+    for r in rows:
+        if r["attack"] in ("multiplicative", "blend"):
+            print(f"- experiment III {r['name']}: distances {r['dist']}; target {r['t']} rank {r['rank_t']}, "
+                  f"anomaly index {r['anomaly_t']:.2f}")
+    print(flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=1000, help="Algorithm I samples per class")
     ap.add_argument("--pair-samples", type=int, default=20, help="Algorithm II samples per pair")
     ap.add_argument("--inputs", nargs="+", default=["data", "noise"], help="starting inputs (blank, noise, data)")
     ap.add_argument("--eps", type=float, default=0.1)
-    ap.add_argument("--statistic", default="euclidean", choices=["euclidean", "local"])
     ap.add_argument("--train-only", action="store_true", help="only train (cache) the victims")
+    ap.add_argument("--no-finetune", dest="finetune", action="store_false",
+                    help="skip the seed's protocol (suspects fine-tuned from the reference)")
     ap.add_argument("--figures", type=Path, default=None, help="write the figures of each suspect here")
     args = ap.parse_args()
     shared = need_shared()
@@ -132,77 +224,34 @@ def main() -> None:
         victims[name] = (m, attack, s, t)
         print(f"  {name}: seed {seed}, poisoned {n}, CA {ca:.4f}, ASR {asr if asr is None else round(asr, 4)}"
               f"{'' if sec < 0 else f', trained in {sec:.0f} s'}", flush=True)
+    if args.finetune:
+        ref = victims["reference"][0]
+        for name, (attack, s, t) in [("ft clean suspect", (None, None, None))] + [
+                (f"ft patch {s}->{t}", ("patch", s, t)) for s, t in PAIRS]:
+            m, ca, asr = finetuned(sp, ref, attack, s, t)
+            victims[name] = (m, attack, s, t)
+            print(f"  {name} (reference fine-tuned 1 epoch): CA {ca:.4f}, ASR {asr if asr is None else round(asr, 4)}", flush=True)
     if args.train_only:
         return
     from backdoorlab.defenses import DEFENSES
 
     clean = sp.holdout  # the defender's clean set: 'data' starts (labels unused)
-    params = dict(inputs=tuple(args.inputs), eps=(args.eps,), samples_per_class=args.samples,
-                  pair_samples=args.pair_samples, statistic=args.statistic)
+    params = dict(inputs=tuple(args.inputs), eps=(args.eps,), samples_per_class=args.samples, pair_samples=args.pair_samples)
     insp = DEFENSES.create("bias-maps", **params)
-    print(f"bias-maps: {params}; clean set: {len(clean)} held-out training images")
-    t0 = time.perf_counter()
-    ref_maps = insp.model_maps(victims["reference"][0], clean)
-    print(f"reference maps: {time.perf_counter() - t0:.1f} s", flush=True)
-    rows = []
-    for name, (m, attack, s, t) in victims.items():
-        if name == "reference":
+    print(f"bias-maps: {params}; clean set: {len(clean)} held-out training images", flush=True)
+    maps = {}
+    for name, (m, *_rest) in victims.items():
+        key = hashlib.sha256(json.dumps([name, params, "v1"], sort_keys=True).encode()).hexdigest()[:12]
+        path = CACHE / f"biasmaps-maps-{key}.pt"
+        if path.is_file():
+            maps[name] = torch.load(path, weights_only=False)
             continue
         t0 = time.perf_counter()
-        sus_maps = insp.model_maps(m, clean)
-        res = insp.compare(sus_maps, ref_maps)
-        alone = insp.compare(sus_maps, None)
-        sec = time.perf_counter() - t0
-        d = res.details
-        stat = d["class_statistic"]
-        order = stat.argsort(descending=True).tolist()
-        top = order[0]
-        hit = "-" if attack is None else ("target" if top == t else "source" if top == s else "no")
-        pa = d["pair_anomaly"]
-        top_pair = None
-        if pa is not None:
-            a = pa.clone()
-            a[~a.isfinite()] = -float("inf")
-            i = int(a.flatten().argmax())
-            top_pair = divmod(i, 10)
-        rows.append(dict(name=name, attack=attack, s=s, t=t, top=top, hit=hit,
-                         rank_t=(order.index(t) + 1) if t is not None else None,
-                         flagged=res.flagged_targets, pairs=res.flagged_pairs[:3], top_pair=top_pair,
-                         anomaly_t=float(res.anomaly[t]) if t is not None else None,
-                         max_anomaly=float(res.anomaly.max()), alone_top=int(alone.details["class_statistic"].argmax()),
-                         dist=[round(float(v), 2) for v in d["class_distance"]], seconds=sec))
-        print(f"  {name}: top class {top} ({hit}), flagged {res.flagged_targets}, pairs {res.flagged_pairs[:3]}, "
-              f"top pair {top_pair}; no-reference top {rows[-1]['alone_top']}; distances {rows[-1]['dist']}; "
-              f"anomaly {[round(float(v), 1) for v in res.anomaly]}; {sec:.1f} s", flush=True)
-        if args.figures is not None:
-            from backdoorlab.plots_biasmaps import figures
-            from backdoorlab.store import atomic_write_bytes
-
-            for fname, png in figures(res).items():
-                atomic_write_bytes(args.figures / name.replace(" ", "_").replace(">", "") / fname, png)
-
-    def score(prefix):
-        rs = [r for r in rows if r["name"].startswith(prefix)]
-        return sum(r["hit"] in ("target", "source") for r in rs), len(rs)
-
-    print()
-    print("| suspect | top class (statistic) | target / source | flagged classes | top pair (Alg. II) | no-reference top | max anomaly |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        st = "-" if r["t"] is None else f"{r['t']} / {r['s']} (target rank {r['rank_t']})"
-        print(f"| {r['name']} | {r['top']} ({r['hit']}) | {st} | {r['flagged'] or 'none'} | {r['top_pair']} | "
-              f"{r['alone_top']} | {r['max_anomaly']:.2f} |")
-    hp, np_ = score("patch")
-    hr, nr = score("random-position")
-    clean_row = next(r for r in rows if r["name"] == "clean suspect")
-    print()
-    print(f"experiment I (fixed patch): largest distance at target or source in {hp}/{np_} (bar 4/4)")
-    print(f"experiment II (random position): {hr}/{nr}")
-    print(f"clean suspect vs reference: flagged {clean_row['flagged'] or 'nothing'} (bar: nothing)")
-    for r in rows:
-        if r["attack"] in ("multiplicative", "blend"):
-            print(f"experiment III {r['name']}: distances {r['dist']}; target {r['t']} rank {r['rank_t']}, "
-                  f"anomaly {r['anomaly_t']:.2f}")
+        maps[name] = insp.model_maps(m, clean)
+        print(f"  maps of {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        torch.save(maps[name], path)
+    for statistic in ("euclidean", "local"):
+        report(DEFENSES.create("bias-maps", **params, statistic=statistic), maps, victims, args, statistic)
 
     # speed of Algorithm I alone: 1,000 samples per class, 10 iterations, one input kind, one model
     one = DEFENSES.create("bias-maps", inputs=("data",), eps=(0.1,), samples_per_class=1000, pair_samples=0)

@@ -573,6 +573,17 @@ def guard(
         out.print(f"wrote {kind}: {v}")
 
 
+def _write_report(folder: Optional[Path], name: str, result: dict, files: dict[str, bytes]) -> Path:
+    """Write ``files`` and ``<name>.json`` (the result) atomically into ``folder`` (default
+    ./<name>-<time>); adds ``report_dir`` to ``result``."""
+    import time as _time
+
+    folder = folder or Path(f"{name}-{_time.strftime('%Y%m%d-%H%M%S')}")
+    _write_dir_atomically(folder, {**files, f"{name}.json": (json.dumps(_clean(result), indent=2, sort_keys=True) + "\n").encode()})
+    result["report_dir"] = str(folder)
+    return folder
+
+
 @app.command()
 @handles_errors
 def biasmaps(
@@ -639,10 +650,7 @@ def biasmaps(
     }
     files = {f"figures/{n}": png for n, png in figures(res).items()}
     result["seconds"] = round(_time.perf_counter() - t0, 3)
-    files["biasmaps.json"] = (json.dumps(_clean(result), indent=2, sort_keys=True) + "\n").encode()
-    folder = report or Path(f"biasmaps-{_time.strftime('%Y%m%d-%H%M%S')}")
-    _write_dir_atomically(folder, files)
-    result["report_dir"] = str(folder)
+    folder = _write_report(report, "biasmaps", result, files)
     if as_json:
         _print_json(result)
         return
