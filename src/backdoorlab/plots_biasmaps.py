@@ -118,9 +118,9 @@ def figures(result) -> dict[str, bytes]:
                 out[f"pair_maps_{kind}_{r['eps']:g}.png"] = pair_grid(
                     r["pair_suspect"], r.get("pair_reference"), highlight=result.flagged_pairs,
                     title=f"Algorithm II, {kind} inputs, eps {r['eps']:g}")
-    ref = d.get("reference") == "model"
+    other = "reference" if d.get("reference") == "model" else "median of others"
+    ylabel = f"||suspect - {other}||" if d.get("statistic", "euclidean") == "euclidean" else f"local z-score vs {other}"
     out["class_distance.png"] = distance_bars(
-        d["class_distance"], result.anomaly, flagged=result.flagged_targets,
-        ylabel="||suspect - reference||" if ref else "||map - median of others||",
+        d["class_distance"], result.anomaly, flagged=result.flagged_targets, ylabel=ylabel,
         title="per-class bias-map distance (numbers: MAD anomaly index)")
     return out

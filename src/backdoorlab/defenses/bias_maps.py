@@ -405,6 +405,7 @@ class BiasMaps(Inspector):
             scores=class_stat.float(), anomaly=class_anomaly, patterns=None,
             details={
                 "bias_maps": per_setting, "reference": "model" if reference is not None else "none",
+                "statistic": self.statistic,
                 "class_distance": torch.stack(class_raw).mean(0), "class_statistic": class_stat.float(),
                 "pair_distance": torch.stack(pair_raw).mean(0) if pair_raw else None,
                 "pair_statistic": pair_stat, "pair_anomaly": pair_anomaly,
