@@ -573,6 +573,99 @@ def guard(
         out.print(f"wrote {kind}: {v}")
 
 
+def _write_report(folder: Optional[Path], name: str, result: dict, files: dict[str, bytes]) -> Path:
+    """Write ``files`` and ``<name>.json`` (the result) atomically into ``folder`` (default
+    ./<name>-<time>); adds ``report_dir`` to ``result``."""
+    import time as _time
+
+    folder = folder or Path(f"{name}-{_time.strftime('%Y%m%d-%H%M%S')}")
+    _write_dir_atomically(folder, {**files, f"{name}.json": (json.dumps(_clean(result), indent=2, sort_keys=True) + "\n").encode()})
+    result["report_dir"] = str(folder)
+    return folder
+
+
+@app.command()
+@handles_errors
+def biasmaps(
+    model: Path = typer.Option(..., "--model", help="the suspect: TorchScript file, or safetensors weights (backdoorlab's, or with --arch)"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="a clean reference model (same classes and images); "
+                                             "without it each class is compared with the others (weaker)"),
+    data: str = typer.Option(..., "--data", help="clean images: .npz (its test split if it has one), image folder, or data set name"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="architecture of plain safetensors suspect weights"),
+    reference_arch: Optional[str] = typer.Option(None, "--reference-arch", help="architecture of plain safetensors reference weights"),
+    inputs: List[str] = typer.Option(["data", "noise"], "--inputs", help="starting inputs: blank, noise, data (repeatable)"),
+    eps: List[float] = typer.Option([0.1], "--eps", help="I-FGSM step in (0, 1] (repeatable: one figure row each)"),
+    iterations: int = typer.Option(10, "--iterations", help="I-FGSM iterations"),
+    samples: int = typer.Option(1000, "--samples", help="Algorithm I: starting images per class"),
+    pair_samples: int = typer.Option(20, "--pair-samples", help="Algorithm II: starting images per (source, target) pair; 0 skips it"),
+    threshold: float = typer.Option(3.0, "--threshold", help="MAD anomaly index above which a class is flagged"),
+    seed: int = typer.Option(0, "--seed"),
+    report: Optional[Path] = typer.Option(None, "--out", help="report folder (figures, biasmaps.json); default ./biasmaps-<time>"),
+    as_json: bool = JsonOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Is this model backdoored? Compare its adversarial bias maps (mean I-FGSM images per class and
+    per (source, target) pair) with a clean reference model's (seed 002)."""
+    import time as _time
+
+    from backdoorlab.defenses import DEFENSES
+    from backdoorlab.inputs import load_images, load_model_for
+    from backdoorlab.plots_biasmaps import figures
+
+    _setup_logging(verbose)
+    t0 = _time.perf_counter()
+    insp = DEFENSES.build("bias-maps", {"inputs": tuple(inputs), "eps": tuple(eps), "iterations": iterations,
+                                        "samples_per_class": samples, "pair_samples": pair_samples,
+                                        "threshold": threshold, "seed": seed}, where="biasmaps")
+    clean = load_images(data, split="auto")
+    net = load_model_for(model, clean, arch=arch)
+    ref = None
+    if reference is not None:
+        try:
+            ref = load_model_for(reference, clean, arch=reference_arch)
+        except BackdoorLabError as exc:
+            raise BackdoorLabError(f"--reference {reference}: {exc}; the reference must be a model of the same task as "
+                                   "the suspect (same classes, same image shape)") from None
+    res = insp.inspect(net, clean, reference=ref)
+    d = res.details
+    k = clean.num_classes
+    pair_a = d["pair_anomaly"]
+    top_pairs = []
+    if pair_a is not None:
+        a = pair_a.clone()
+        a[~a.isfinite()] = -float("inf")
+        for i in a.flatten().argsort(descending=True)[:5].tolist():
+            s, t = divmod(int(i), k)
+            top_pairs.append({"source": s, "target": t, "distance": float(d["pair_distance"][s, t]),
+                              "anomaly_index": float(pair_a[s, t])})
+    result: dict[str, Any] = {
+        "backdoored": res.backdoored, "flagged_classes": res.flagged_targets,
+        "class_distance": [round(float(v), 6) for v in d["class_distance"]],
+        "class_statistic": [round(float(v), 6) for v in d["class_statistic"]],
+        "anomaly_index": [round(float(v), 4) for v in res.anomaly], "top_class": d["top_class"],
+        "flagged_pairs": [list(p) for p in res.flagged_pairs], "top_pairs": top_pairs,
+        "reference": d["reference"], "settings": d["settings"],
+        "percent": {n: [round(float(v), 3) for v in e["suspect_percent"]] for n, e in d["bias_maps"].items()},
+        "seconds_algorithm1": round(d["seconds_algorithm1"], 3), "seconds_algorithm2": round(d["seconds_algorithm2"], 3),
+    }
+    files = {f"figures/{n}": png for n, png in figures(res).items()}
+    result["seconds"] = round(_time.perf_counter() - t0, 3)
+    folder = _write_report(report, "biasmaps", result, files)
+    if as_json:
+        _print_json(result)
+        return
+    verdict = "[bold red]BACKDOOR FOUND[/bold red]" if res.backdoored else "[bold green]no backdoor found[/bold green]"
+    out.print(f"{verdict}  (reference: {d['reference']}; flagged classes {res.flagged_targets}, pairs {res.flagged_pairs})")
+    t = Table(title="per-class bias-map distance")
+    for col in ("class", "distance", "statistic", "anomaly index", "flagged"):
+        t.add_column(col, justify="right")
+    for c in range(k):
+        t.add_row(str(c), f"{float(d['class_distance'][c]):.3f}", f"{float(d['class_statistic'][c]):.3f}",
+                  f"{float(res.anomaly[c]):.2f}", "yes" if c in res.flagged_targets else "")
+    out.print(t)
+    out.print(f"report: {folder}  ({result['seconds']:.1f} s)")
+
+
 def main() -> None:
     """Entry point of the ``backdoorlab`` script."""
     try:

@@ -86,8 +86,10 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     return Prepared(splits, poisoned, triggered, attack, t, a)
 
 
-def train_victim(cfg: ExperimentConfig, prep: Prepared, store: Store | None, callbacks=()) -> tuple[torch.nn.Module, dict, bool]:
-    """Train (or load from the cache) the victim. Returns (model, history dict, from_cache)."""
+def train_victim(cfg: ExperimentConfig, prep: Prepared, store: Store | None, callbacks=(),
+                 train_seed: int | None = None) -> tuple[torch.nn.Module, dict, bool]:
+    """Train (or load from the cache) the victim. Returns (model, history dict, from_cache).
+    ``train_seed`` (default ``cfg.seed``, which also seeds the splits) seeds the training alone."""
     from backdoorlab.models import ModelSpec, build_model, load_model, save_model
     from backdoorlab.train import train
 
@@ -96,7 +98,7 @@ def train_victim(cfg: ExperimentConfig, prep: Prepared, store: Store | None, cal
     spec = ModelSpec(cfg.model.name, data.num_classes, data.shape, cfg.model.extras())
     if isinstance(prep.attack, TrainingAttack):
         return _train_with_training_attack(cfg, prep, build_model(spec).to(device), callbacks)
-    key = cfg.victim_key()
+    key = cfg.victim_key() if train_seed is None else f"{cfg.victim_key()}-train-seed-{train_seed}"
     cache = store.cache_path(key) if (store is not None and cfg.cache) else None
     if cache is not None and cache.is_file():
         try:
@@ -111,7 +113,8 @@ def train_victim(cfg: ExperimentConfig, prep: Prepared, store: Store | None, cal
             log.warning("ignoring unreadable cached victim %s: %s", cache, exc)
     model = build_model(spec).to(device)
     training_set = data.without_ground_truth() if isinstance(data, PoisonedSet) else data
-    history = train(model, training_set, cfg.train, seed=cfg.seed, callbacks=tuple(callbacks)).as_dict()
+    history = train(model, training_set, cfg.train, seed=cfg.seed if train_seed is None else train_seed,
+                    callbacks=tuple(callbacks)).as_dict()
     if cache is not None:
         save_model(model, cache)
         atomic_write_json(cache.with_suffix(".history.json"), history)
@@ -170,7 +173,10 @@ def run_defense(defense, model: torch.nn.Module, prep: Prepared, ca: float, asr:
     figs: dict[str, bytes] = {}
     t0 = time.perf_counter()
     if fam == "inspector":
-        res = defense.inspect(model, holdout)
+        kw = {}
+        if context is not None and "reference" in context and getattr(defense, "reference_seed", None) is not None:
+            kw["reference"] = context["reference"](defense.reference_seed)  # bias-maps: a clean reference model
+        res = defense.inspect(model, holdout, **kw)
         if context is not None:
             context["inspection"] = res  # a cleanser later in the list reuses it
         out["backdoored"] = float(res.backdoored)
@@ -184,6 +190,11 @@ def run_defense(defense, model: torch.nn.Module, prep: Prepared, ca: float, asr:
         if res.patterns is not None and res.patterns.dim() == 5:
             figs["patterns"] = plots.pattern_grid(res.patterns, False, highlight=res.flagged_pairs)
             figs["pair_scores"] = plots.pair_scatter(res.scores, res.flagged_pairs)
+        if "bias_maps" in res.details:
+            from backdoorlab.plots_biasmaps import figures as bias_map_figures
+
+            out["top_class"] = float(res.details["top_class"])
+            figs.update({Path(n).stem: png for n, png in bias_map_figures(res).items()})
     elif fam == "cleanser":
         import inspect as _inspect
 
@@ -236,6 +247,17 @@ def run_defense(defense, model: torch.nn.Module, prep: Prepared, ca: float, asr:
     return out, figs
 
 
+def train_reference(cfg: ExperimentConfig, prep: Prepared, store: Store | None, seed: int) -> torch.nn.Module:
+    """A clean reference model for inspectors that compare with one (``bias-maps``): the victim's
+    architecture and training config, trained with ``seed`` on the clean training split (the same
+    split as the victim's, before poisoning); cached in the store like a victim."""
+    clean_cfg = cfg.model_copy(update={"attack": None, "defenses": []})
+    clean_prep = Prepared(prep.splits, prep.splits.train, None, None)
+    log.info("training a clean reference model (seed %d) for the bias-maps comparison", seed)
+    model, _, _ = train_victim(clean_cfg, clean_prep, store, train_seed=seed)
+    return model.eval()
+
+
 def _sample_figure(prep: Prepared) -> bytes | None:
     from backdoorlab.plots import sample_grid
 
@@ -268,7 +290,7 @@ def run(cfg: ExperimentConfig, store: Store, *, callbacks: tuple[Callback, ...] 
     from backdoorlab.defenses import DEFENSES
 
     defense_figs: dict[str, bytes] = {}
-    context: dict = {}
+    context: dict = {"reference": lambda seed: train_reference(cfg, prep, store, seed)}
     for i, d in enumerate(cfg.defenses):
         defense = DEFENSES.build(d.name, d.extras(), where=f"defenses.{i}")
         m, figs = run_defense(defense, model, prep, results["clean_accuracy"], results.get("attack_success_rate"),

@@ -1,6 +1,6 @@
 """Defenses: the five families and the registry :data:`DEFENSES`."""
 
-from backdoorlab.defenses import neural_cleanse, pairwise, pattern_subtraction  # noqa: F401  (register the defenses)
+from backdoorlab.defenses import bias_maps, neural_cleanse, pairwise, pattern_subtraction  # noqa: F401  (register the defenses)
 
 from backdoorlab.defenses.base import (
     DEFENSES, FAMILIES, CleanseResult, Cleanser, Defense, DetectionResult, InputDetector, InspectionResult,
