@@ -8,6 +8,7 @@ the embedded mnist5k.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -18,16 +19,30 @@ from typer.testing import CliRunner
 from backdoorlab.defenses import DEFENSES, RobustTrainer, RobustTrainResult
 from backdoorlab.errors import BackdoorLabError
 from backdoorlab.models import ModelSpec, build_model
+from backdoorlab.types import ImageSet, PoisonedSet
 
-# small for CPU: 3 LGA epochs, 3 more on the rest, unlearning up to 5 epochs
-FAST = {"isolation_epochs": 3, "epochs": 6, "unlearning_epochs": 5}
+# small for CPU: 3 LGA epochs, 3 more on the rest, 10 unlearning epochs (defaults otherwise)
+FAST = {"isolation_epochs": 3, "epochs": 6}
+
+
+@dataclass(frozen=True)
+class _Data:
+    train: PoisonedSet
+    holdout: ImageSet
+    test: ImageSet
+    triggered: PoisonedSet
+
+
+@lru_cache(maxsize=1)
+def _data() -> _Data:
+    from _backdoored import poisoned_data
+
+    return _Data(*poisoned_data()[:4])
 
 
 @lru_cache(maxsize=1)
 def _badnets_abl():
-    from tests._backdoored import victim
-
-    v = victim()
+    v = _data()
     torch.manual_seed(0)
     model = build_model(ModelSpec("cnn", 10, (1, 28, 28)))
     res = DEFENSES.create("abl", **FAST).train(model, v.train.without_ground_truth(), clean=v.holdout, eval_clean=v.test,
@@ -63,9 +78,7 @@ def test_badnets_isolates_poison_and_unlearns_backdoor():
 
 def test_clean_training_set_costs_little_accuracy():
     """No poison: ABL isolates (easy) clean samples and unlearns them; CA must stay within 2 points."""
-    from tests._backdoored import victim
-
-    v = victim()
+    v = _data()
     clean = v.train.subset(torch.nonzero(~v.train.is_poison).flatten()).without_ground_truth()
     torch.manual_seed(0)
     res = DEFENSES.create("abl", isolation_epochs=2, epochs=4, unlearning_epochs=3).train(
@@ -92,8 +105,8 @@ def test_bad_parameters_are_clear_errors(params, words):
 
 def test_bad_data_is_a_clear_error(tiny):
     model = build_model(ModelSpec("cnn", 3, (1, 12, 12), {"width": 4, "hidden": 8}))
-    abl = DEFENSES.create("abl", isolation_epochs=1, epochs=1, unlearning_epochs=0, isolation_ratio=0.01)
-    with pytest.raises(BackdoorLabError, match="isolates none"):  # 1% of 60 samples
+    abl = DEFENSES.create("abl", isolation_epochs=1, epochs=1, unlearning_epochs=0, isolation_ratio=0.005)
+    with pytest.raises(BackdoorLabError, match="isolates none"):  # 0.5% of 60 samples
         abl.train(model, tiny)
     wrong = build_model(ModelSpec("cnn", 4, (1, 12, 12), {"width": 4, "hidden": 8}))
     with pytest.raises(BackdoorLabError, match="3 classes but the model has 4"):
