@@ -64,7 +64,9 @@ class GeneratorTrigger(Attack):
 
 
 def experiment_config(data: str, attack: str, train_size: int | None, epochs: int, seed: int) -> ExperimentConfig:
-    doc = yaml.safe_load((ROOT / "configs" / "attacks" / f"{attack}_{'cifar10' if data == 'cifar10' else 'mnist5k'}.yaml").read_text())
+    name = f"{attack}_{'cifar10' if data == 'cifar10' else 'mnist5k'}.yaml"
+    path = ROOT / "configs" / "attacks" / name
+    doc = yaml.safe_load((path if path.is_file() else ROOT / "configs" / name).read_text())
     doc["data"] = {"name": data, "root": str(SHARED_DATA), "holdout_fraction": 0.05,
                    **({"train_size": train_size} if train_size else {})}
     doc["train"] = {**doc.get("train", {}), "epochs": epochs}
@@ -144,8 +146,8 @@ def main() -> None:
     args.train_size = args.train_size or None
     if args.epochs is None:
         args.epochs = 12 if args.data == "cifar10" else 5
-    abl_params = {"isolation_epochs": 4, "epochs": args.epochs} if args.data == "mnist" else \
-        {"isolation_epochs": 5, "epochs": args.epochs, "crop_padding": 4, "flip": True}
+    abl_params = {"isolation_epochs": 4, "epochs": args.epochs + 4} if args.data == "mnist" else \
+        {"isolation_epochs": 5, "epochs": args.epochs + 5, "crop_padding": 4, "flip": True}
     for item in args.param:
         k, _, v = item.partition("=")
         abl_params[k] = yaml.safe_load(v)
