@@ -31,10 +31,22 @@ class Victim:
 
 @lru_cache(maxsize=1)
 def victim() -> Victim:
-    from backdoorlab.attacks import ATTACKS, poison, poison_test
-    from backdoorlab.data import load_source, make_splits
     from backdoorlab.models import ModelSpec, build_model
     from backdoorlab.train import TrainConfig, train
+
+    poisoned, holdout, test, triggered, full = poisoned_data()
+    torch.manual_seed(0)  # the initial weights: an unseeded init made the victim (and the bars) vary run to run
+    model = build_model(ModelSpec("cnn", 10, (1, 28, 28)))
+    train(model, poisoned.without_ground_truth(), TrainConfig(epochs=4), seed=0)
+    model.eval()
+    return Victim(model, poisoned, holdout, test, triggered, full)
+
+
+@lru_cache(maxsize=1)
+def poisoned_data() -> tuple[PoisonedSet, ImageSet, ImageSet, PoisonedSet, bool]:
+    """(poisoned training set, clean held-out, test, triggered test, full MNIST?) of the victim."""
+    from backdoorlab.attacks import ATTACKS, poison, poison_test
+    from backdoorlab.data import load_source, make_splits
 
     full = SHARED_MNIST.is_file()
     if full:
@@ -46,8 +58,4 @@ def victim() -> Victim:
     attack = ATTACKS.create("badnets", size=3)
     poisoned = poison(sp.train, attack, rate=0.1, target=0, generator=torch.Generator().manual_seed(1))
     triggered = poison_test(sp.test, attack, target=0)
-    torch.manual_seed(0)  # the initial weights: an unseeded init made the victim (and the bars) vary run to run
-    model = build_model(ModelSpec("cnn", 10, (1, 28, 28)))
-    train(model, poisoned.without_ground_truth(), TrainConfig(epochs=4), seed=0)
-    model.eval()
-    return Victim(model, poisoned, sp.holdout, sp.test, triggered, full)
+    return poisoned, sp.holdout, sp.test, triggered, full

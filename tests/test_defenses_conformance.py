@@ -5,7 +5,9 @@ input model untouched). Other families have their own conformance tests."""
 import pytest
 import torch
 
-from backdoorlab.defenses import DEFENSES, DetectionResult, InputDetector, RepairResult, Repairer
+from backdoorlab.defenses import (
+    DEFENSES, DetectionResult, InputDetector, RepairResult, Repairer, RobustTrainer, RobustTrainResult,
+)
 from backdoorlab.models import ModelSpec, build_model
 
 # parameters per defense for a fast run; every registered repairer and detector must appear here
@@ -14,8 +16,9 @@ CASES = {
     "fine-tuning": {"epochs": 1},
     "fine-pruning": {"step": 0.25, "epochs": 1},
     "strip": {"samples": 4},
+    "abl": {"isolation_epochs": 1, "epochs": 2, "unlearning_epochs": 1, "isolation_ratio": 0.05, "batch_size": 16},
 }
-FAMILIES = ("repairer", "detector")
+FAMILIES = ("repairer", "detector", "robust-trainer")
 
 
 def cases():
@@ -49,6 +52,20 @@ def test_conformance(name, setup):
         r1, r2 = d1.repair(model, data), d2.repair(model, data)
         assert isinstance(r1, RepairResult) and r1.model is not model
         assert r1.curve and all(isinstance(v, float) for row in r1.curve for v in row.values())
+        out = r1.model(data.float_batch(slice(0, 5)))
+        assert out.shape == (5, 3) and torch.isfinite(out).all()
+        for (k, a), b in zip(r1.model.state_dict().items(), r2.model.state_dict().values()):
+            assert torch.allclose(a.float(), b.float(), atol=1e-6), f"{name} is not deterministic ({k})"
+    elif family == "robust-trainer":
+        assert isinstance(d1, RobustTrainer)
+        runs = []
+        for d in (d1, d2):
+            torch.manual_seed(1)
+            fresh = build_model(ModelSpec("cnn", 3, (1, 12, 12), {"width": 4, "hidden": 16}))
+            runs.append(d.train(fresh, data, clean=data))
+        r1, r2 = runs
+        assert isinstance(r1, RobustTrainResult) and r1.isolated_indices.dtype == torch.int64
+        assert r1.isolated_indices.numel() == round(0.05 * len(data)) and torch.equal(r1.isolated_indices, r2.isolated_indices)
         out = r1.model(data.float_batch(slice(0, 5)))
         assert out.shape == (5, 3) and torch.isfinite(out).all()
         for (k, a), b in zip(r1.model.state_dict().items(), r2.model.state_dict().values()):

@@ -666,6 +666,119 @@ def biasmaps(
     out.print(f"report: {folder}  ({result['seconds']:.1f} s)")
 
 
+def _npz_truth(spec: str, n: int):
+    """``is_poison`` (N,) bool of an .npz training set when it carries one (ground truth, for reporting only)."""
+    import numpy as np
+    import torch
+
+    p = Path(spec)
+    if p.suffix != ".npz" or not p.is_file():
+        return None
+    with np.load(p, allow_pickle=False) as f:
+        if "is_poison" not in f.files:
+            return None
+        truth = f["is_poison"]
+    if truth.shape != (n,):
+        raise BackdoorLabError(f"--data: is_poison has shape {truth.shape}; expected ({n},), one flag per training image")
+    return torch.from_numpy(truth.astype(bool))
+
+
+@app.command("train-robust")
+@handles_errors
+def train_robust(
+    data: str = typer.Option(..., "--data", help="the (possibly poisoned) training set: .npz (x, y; is_poison, when present, "
+                                                 "is ground truth used only to report), image folder or data set name"),
+    model: str = typer.Option("cnn", "--model", help="architecture to train (see `backdoorlab list`)"),
+    method: str = typer.Option("abl", "--method", help="a robust trainer: abl"),
+    export: Optional[Path] = typer.Option(None, "--export", help="write the trained model here as TorchScript (.pt)"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="also write backdoorlab safetensors weights here"),
+    param: List[str] = typer.Option([], "--param", "-p", help="a method parameter, e.g. -p isolation_ratio=0.02 (repeatable)"),
+    holdout_fraction: float = typer.Option(0.1, "--holdout-fraction", help="stratified share of --data held out to check "
+                                                                           "and report clean accuracy (it may hold poison too)"),
+    seed: int = typer.Option(0, "--seed", min=0, help="seed of the split, the initial weights and the training order"),
+    figures: Optional[Path] = typer.Option(None, "--figures", help="write the per-sample loss curves into this folder"),
+    as_json: bool = JsonOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log each phase to stderr"),
+) -> None:
+    """Train a model on possibly poisoned data with a robust trainer (Anti-Backdoor Learning): isolate
+    the suspected poisoned samples, train without them and unlearn them; export the model."""
+    import time
+
+    import torch
+
+    from backdoorlab.data import stratified_indices
+    from backdoorlab.defenses import DEFENSES
+    from backdoorlab.inputs import load_images
+    from backdoorlab.models import ModelSpec, build_model, export_torchscript, save_model
+    from backdoorlab.train import evaluate
+
+    _setup_logging(verbose)
+    entry = DEFENSES.get(method)
+    if getattr(entry.factory, "family", "") != "robust-trainer":
+        names = [e.name for e in DEFENSES if getattr(e.factory, "family", "") == "robust-trainer"]
+        raise BackdoorLabError(f"--method {method!r} is not a robust trainer; robust trainers: {', '.join(names)}")
+    trainer = DEFENSES.build(method, _method_params(param), where="--param")
+    if export is not None and export.suffix not in (".pt", ".pth", ".ts"):
+        raise BackdoorLabError(f"--export {export}: the model is written as TorchScript; use a .pt name")
+    if weights is not None and weights.suffix != ".safetensors":
+        raise BackdoorLabError(f"--weights {weights}: use a .safetensors name")
+    if not 0.0 < holdout_fraction < 0.5:
+        raise BackdoorLabError(f"--holdout-fraction must lie in (0, 0.5); got {holdout_fraction}")
+    full = load_images(data, split="train")
+    truth = _npz_truth(data, len(full))
+    train_idx, hold_idx = stratified_indices(full.y, holdout_fraction, torch.Generator().manual_seed(seed))
+    if hold_idx.numel() == 0 or train_idx.numel() < 2:
+        raise BackdoorLabError(f"--data has {len(full)} images: too few to hold out {holdout_fraction:g} of them; give more data")
+    train_set, holdout = full.subset(train_idx, name="train"), full.subset(hold_idx, name="holdout")
+    torch.manual_seed(seed)
+    net = build_model(ModelSpec(model, full.num_classes, full.shape))
+    t0 = time.perf_counter()
+    res = trainer.train(net, train_set, clean=holdout, truth=truth[train_idx] if truth is not None else None)
+    seconds = time.perf_counter() - t0
+    isolated = train_idx[res.isolated_indices]
+    d = res.details
+    result: dict[str, Any] = {
+        "method": method, "model": model, "isolated_indices": isolated.tolist(), "num_isolated": int(isolated.numel()),
+        "clean_accuracy": evaluate(res.model, holdout), "train_size": len(train_set), "holdout_size": len(holdout),
+        "seconds": round(seconds, 3), "phases": d.get("phases", {}),
+    }
+    if truth is not None:
+        result["isolation_precision"] = float(truth[isolated].float().mean())
+        result["num_poisoned"] = int(truth.sum())
+    written: dict[str, str] = {}
+    if export is not None:
+        written["torchscript"] = str(export_torchscript(res.model, export))
+    if weights is not None:
+        written["weights"] = str(save_model(res.model, weights))
+    traces = d.get("loss_traces")
+    if figures is not None and isinstance(traces, torch.Tensor) and traces.numel():
+        from backdoorlab.plots_abl import loss_traces
+
+        known = truth is not None
+        groups = truth[train_idx] if known else torch.isin(torch.arange(len(train_set)), res.isolated_indices)
+        written["loss_traces"] = _write_figure(figures, "loss_traces.png", loss_traces(
+            traces, groups, gamma=getattr(trainer, "gamma", None),
+            labels=("clean samples", "poisoned samples") if known else ("kept samples", "isolated samples"),
+            title=f"{trainer.describe()} on {Path(data).name}"))
+    result["written"] = written
+    if as_json:
+        _print_json(result)
+        return
+    t = Table(title=f"{trainer.describe()}: {len(train_set)} training images, {len(holdout)} held out")
+    cols = ["phase", "holdout_accuracy", "seconds"] + (["isolation_precision"] if truth is not None else [])
+    for c in cols:
+        t.add_column(c.replace("_", " "), justify="right")
+    for phase, m in result["phases"].items():
+        t.add_row(phase, *(_fmt(m[c]) if c in m else "-" for c in cols[1:]))
+    out.print(t)
+    msg = f"isolated {result['num_isolated']} samples; clean accuracy on the held-out split {result['clean_accuracy']:.4f}"
+    if truth is not None:
+        msg += f"; isolation precision {result['isolation_precision']:.4f}"
+    out.print(msg + f"; {seconds:.1f} s")
+    for kind, v in written.items():
+        out.print(f"wrote {kind}: {v}")
+
+
 def main() -> None:
     """Entry point of the ``backdoorlab`` script."""
     try:

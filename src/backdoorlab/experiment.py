@@ -159,10 +159,12 @@ def evaluate_victim(model: torch.nn.Module, prep: Prepared, batch_size: int = 10
 
 
 def run_defense(defense, model: torch.nn.Module, prep: Prepared, ca: float, asr: float | None,
-                batch_size: int = 1024, context: dict | None = None) -> tuple[dict[str, float], dict[str, bytes]]:
+                batch_size: int = 1024, context: dict | None = None, seed: int = 0) -> tuple[dict[str, float], dict[str, bytes]]:
     """Run one defense by its family's verb, with what its threat model allows (the victim, the
     clean held-out set, the training set without ground truth), then score it with the ground truth.
-    Returns (metrics, figures as PNG bytes)."""
+    A robust trainer trains a fresh copy of the victim's architecture (initial weights from ``seed``)
+    on the poisoned training set in place of normal training; the test sets and ground truth it may
+    accept go in for its per-phase report only. Returns (metrics, figures as PNG bytes)."""
     from backdoorlab import plots
     from backdoorlab.train import predict
 
@@ -229,12 +231,32 @@ def run_defense(defense, model: torch.nn.Module, prep: Prepared, ca: float, asr:
             out["attack_success_rate"] = M.attack_success_rate(predict(new, trig, batch_size), trig.y)
             out["der"] = M.defense_effectiveness_rating(ca, out["clean_accuracy"], asr, out["attack_success_rate"])
     elif fam == "robust-trainer":
+        import inspect as _inspect
+
         from backdoorlab.models import ModelSpec, build_model
+        from backdoorlab.train import model_device
 
         spec = model.spec
-        fresh = build_model(ModelSpec(spec.name, spec.num_classes, spec.input_shape, spec.params))
-        res = defense.train(fresh, prep.train_set.without_ground_truth() if poisoned is not None else prep.train_set)
+        torch.manual_seed(seed)  # the fresh model's initial weights, as for the victim
+        fresh = build_model(ModelSpec(spec.name, spec.num_classes, spec.input_shape, spec.params)).to(model_device(model))
+        # the clean held-out set is the defender's; the test sets and the ground truth only report
+        offered = {"clean": holdout, "eval_clean": test, "eval_triggered": trig,
+                   "truth": poisoned.is_poison if poisoned is not None else None}
+        accepted = _inspect.signature(defense.train).parameters
+        kw = {k: v for k, v in offered.items() if k in accepted and v is not None}
+        res = defense.train(fresh, prep.train_set.without_ground_truth() if poisoned is not None else prep.train_set, **kw)
         new = res.model
+        for phase, m in res.details.get("phases", {}).items():  # e.g. CA / ASR after each ABL phase
+            out.update({f"{phase}.{k}": float(v) for k, v in m.items()})
+        traces = res.details.get("loss_traces")
+        if isinstance(traces, torch.Tensor) and traces.dim() == 2 and traces.shape[0] > 0:
+            from backdoorlab.plots_abl import loss_traces
+
+            known = poisoned is not None
+            groups = poisoned.is_poison if known else torch.isin(torch.arange(traces.shape[1]), res.isolated_indices)
+            figs["loss_traces"] = loss_traces(traces, groups, gamma=getattr(defense, "gamma", None),
+                                              labels=("clean samples", "poisoned samples") if known else
+                                              ("kept samples", "isolated samples"), title=defense.describe())
         out["clean_accuracy"] = M.clean_accuracy(predict(new, test, batch_size), test.y)
         if trig is not None and asr is not None:
             out["attack_success_rate"] = M.attack_success_rate(predict(new, trig, batch_size), trig.y)
@@ -294,7 +316,7 @@ def run(cfg: ExperimentConfig, store: Store, *, callbacks: tuple[Callback, ...] 
     for i, d in enumerate(cfg.defenses):
         defense = DEFENSES.build(d.name, d.extras(), where=f"defenses.{i}")
         m, figs = run_defense(defense, model, prep, results["clean_accuracy"], results.get("attack_success_rate"),
-                              cfg.train.eval_batch_size, context)
+                              cfg.train.eval_batch_size, context, seed=cfg.seed)
         results.update({f"defense.{d.name}.{k}": v for k, v in m.items()})
         defense_figs.update({f"figures/{d.name}_{k}.png": v for k, v in figs.items()})
     run_id = new_run_id(cfg.name)

@@ -13,7 +13,7 @@ __all__ = [
     "mad_anomaly_index",
 ]
 
-from backdoorlab.defenses import pruning, strip  # noqa: E402,F401  (register the defenses)
+from backdoorlab.defenses import abl, pruning, strip  # noqa: E402,F401  (register the defenses)
 from backdoorlab.defenses.strip import Guarded, Strip  # noqa: E402
 
 __all__ += ["Guarded", "Strip"]

@@ -81,6 +81,28 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
+def export_torchscript(model: nn.Module, path: str | Path) -> Path:
+    """Trace ``model`` (eval mode, float (B, C, H, W) in [0, 1] -> logits) on a zero batch of its
+    ``input_shape`` and save it as TorchScript, atomically; :func:`load_model` (and any PyTorch
+    program, with ``torch.jit.load``) reads it back without backdoorlab's classes."""
+    import copy
+
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        raise BackdoorLabError("only models with an input_shape (registered architectures) can be exported")
+    path = Path(path)
+    net = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(net, torch.zeros(2, *shape))
+    tmp = _atomic_path(path)
+    try:
+        torch.jit.save(traced, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def read_spec(path: str | Path) -> ModelSpec | None:
     from safetensors import safe_open
 

@@ -1,0 +1,180 @@
+"""Anti-Backdoor Learning (``abl``): isolation, unlearning, bad input, the runner and the CLI.
+
+The BadNets case trains on the shared full-MNIST subset of ``_backdoored.py`` when present (8,000
+training images, 10% of the non-target ones poisoned; 2,000 clean held-out; 1,000 test), else on
+the embedded mnist5k.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from backdoorlab.defenses import DEFENSES, RobustTrainer, RobustTrainResult
+from backdoorlab.errors import BackdoorLabError
+from backdoorlab.models import ModelSpec, build_model
+from backdoorlab.types import ImageSet, PoisonedSet
+
+# small for CPU: 3 LGA epochs, 3 more on the rest, 10 unlearning epochs (defaults otherwise)
+FAST = {"isolation_epochs": 3, "epochs": 6}
+
+
+@dataclass(frozen=True)
+class _Data:
+    train: PoisonedSet
+    holdout: ImageSet
+    test: ImageSet
+    triggered: PoisonedSet
+
+
+@lru_cache(maxsize=1)
+def _data() -> _Data:
+    from _backdoored import poisoned_data
+
+    return _Data(*poisoned_data()[:4])
+
+
+@lru_cache(maxsize=1)
+def _badnets_abl():
+    v = _data()
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("cnn", 10, (1, 28, 28)))
+    res = DEFENSES.create("abl", **FAST).train(model, v.train.without_ground_truth(), clean=v.holdout, eval_clean=v.test,
+                                               eval_triggered=v.triggered, truth=v.train.is_poison)
+    return v, res
+
+
+def test_badnets_isolates_poison_and_unlearns_backdoor():
+    v, res = _badnets_abl()
+    assert isinstance(res, RobustTrainResult)
+    n = len(v.train)
+    assert res.isolated_indices.numel() == round(0.01 * n)
+    assert res.isolated_indices.unique().numel() == res.isolated_indices.numel()
+    precision = float(v.train.is_poison[res.isolated_indices].float().mean())
+    assert precision >= 0.9, precision
+    assert res.details["isolation_precision"] == pytest.approx(precision)
+    ph = res.details["phases"]
+    # before unlearning the backdoor is there (99% of the poison is still in the training set) ...
+    assert ph["training"]["attack_success_rate"] > 0.9
+    # ... unlearning the isolated 1% removes it while clean accuracy stays near
+    assert ph["unlearning"]["attack_success_rate"] <= 0.1, ph["unlearning"]
+    assert ph["training"]["clean_accuracy"] - ph["unlearning"]["clean_accuracy"] <= 0.03
+    assert ph["unlearning"]["clean_accuracy"] > 0.9
+    # the per-sample loss traces: one row per isolation epoch; poisoned samples end far below clean ones
+    tr = res.details["loss_traces"]
+    assert tr.shape == (FAST["isolation_epochs"], n)
+    assert float(tr[-1][v.train.is_poison].median()) < 0.1 * float(tr[-1][~v.train.is_poison].median())
+    # the model returned is the unlearned one
+    from backdoorlab.train import evaluate
+
+    assert evaluate(res.model, v.triggered) == pytest.approx(ph["unlearning"]["attack_success_rate"])
+
+
+def test_clean_training_set_costs_little_accuracy():
+    """No poison: ABL isolates (easy) clean samples and unlearns them; CA must stay within 2 points."""
+    v = _data()
+    clean = v.train.subset(torch.nonzero(~v.train.is_poison).flatten()).without_ground_truth()
+    torch.manual_seed(0)
+    res = DEFENSES.create("abl", isolation_epochs=2, epochs=4, unlearning_epochs=3).train(
+        build_model(ModelSpec("cnn", 10, (1, 28, 28))), clean, clean=v.holdout, eval_clean=v.test)
+    ph = res.details["phases"]
+    assert ph["training"]["clean_accuracy"] > 0.9
+    assert ph["training"]["clean_accuracy"] - ph["unlearning"]["clean_accuracy"] <= 0.02, ph
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"gamma": 0.0}, ["gamma", "> 0"]),
+    ({"gamma": -1.0}, ["gamma", "> 0"]),
+    ({"isolation_ratio": 0.0}, ["isolation_ratio", "(0, 0.5]"]),
+    ({"isolation_ratio": 0.6}, ["isolation_ratio", "(0, 0.5]"]),
+    ({"isolation_epochs": 12, "epochs": 10}, ["isolation_epochs", "raise epochs to at least 12"]),
+    ({"isolation_epochs": 0}, ["isolation_epochs", ">= 1"]),
+    ({"lga": "both"}, ["lga"]),
+])
+def test_bad_parameters_are_clear_errors(params, words):
+    with pytest.raises(BackdoorLabError) as exc:
+        DEFENSES.create("abl", **params)
+    assert all(w in str(exc.value) for w in words), str(exc.value)
+
+
+def test_bad_data_is_a_clear_error(tiny):
+    model = build_model(ModelSpec("cnn", 3, (1, 12, 12), {"width": 4, "hidden": 8}))
+    abl = DEFENSES.create("abl", isolation_epochs=1, epochs=1, unlearning_epochs=0, isolation_ratio=0.005)
+    with pytest.raises(BackdoorLabError, match="isolates none"):  # 0.5% of 60 samples
+        abl.train(model, tiny)
+    wrong = build_model(ModelSpec("cnn", 4, (1, 12, 12), {"width": 4, "hidden": 8}))
+    with pytest.raises(BackdoorLabError, match="3 classes but the model has 4"):
+        DEFENSES.create("abl", isolation_ratio=0.1).train(wrong, tiny)
+    with pytest.raises(BackdoorLabError, match="truth must be a bool"):
+        DEFENSES.create("abl", isolation_ratio=0.1).train(model, tiny, truth=torch.zeros(5, dtype=torch.bool))
+
+
+def test_is_a_registered_robust_trainer():
+    abl = DEFENSES.create("abl")
+    assert isinstance(abl, RobustTrainer) and abl.family == "robust-trainer"
+    assert (abl.gamma, abl.isolation_ratio) == (0.5, 0.01)
+
+
+def test_experiment_yaml_runs_abl_in_place_of_training(tmp_path):
+    """``defenses: [{name: abl}]`` through the runner: per-phase CA/ASR, isolation precision, figure."""
+    from backdoorlab.config import load_config
+    from backdoorlab.experiment import run
+    from backdoorlab.store import Store
+
+    cfg = tmp_path / "abl.yaml"
+    cfg.write_text("name: abl-smoke\ndata: {name: mnist5k, train_size: 1200}\ntrain: {epochs: 2}\n"
+                   "attack: {name: badnets, rate: 0.1, size: 3}\n"
+                   "defenses: [{name: abl, isolation_epochs: 2, epochs: 3, unlearning_epochs: 1, isolation_ratio: 0.05}]\n")
+    rec = run(load_config(cfg), Store(tmp_path / "store"))
+    m = rec.metrics
+    for k in ("isolation_precision", "clean_accuracy", "attack_success_rate", "isolation.clean_accuracy",
+              "isolation.attack_success_rate", "training.attack_success_rate", "unlearning.clean_accuracy",
+              "unlearning.attack_success_rate", "unlearning.holdout_accuracy"):
+        assert f"defense.abl.{k}" in m, k
+    assert 0 <= m["defense.abl.isolation_precision"] <= 1
+    assert m["defense.abl.unlearning.clean_accuracy"] == pytest.approx(m["defense.abl.clean_accuracy"])
+    from pathlib import Path
+
+    png = Path(rec.run_dir) / rec.artifacts["figure:abl_loss_traces"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_train_robust_json_and_torchscript_export(tmp_path):
+    from backdoorlab.attacks import ATTACKS, poison
+    from backdoorlab.cli import app
+    from backdoorlab.data import load_source, stratified_subsample
+
+    base = stratified_subsample(load_source("mnist5k").train, 1500, torch.Generator().manual_seed(0))
+    p = poison(base, ATTACKS.create("badnets", size=3), rate=0.1, target=0, generator=torch.Generator().manual_seed(1))
+    npz = tmp_path / "poisoned.npz"
+    np.savez(npz, x=p.x.permute(0, 2, 3, 1).numpy(), y=p.y.numpy(), is_poison=p.is_poison.numpy())
+    out = tmp_path / "model.pt"
+    r = CliRunner().invoke(app, ["train-robust", "--data", str(npz), "--model", "cnn", "--method", "abl", "--export",
+                                 str(out), "--json", "--figures", str(tmp_path / "fig"), "-p", "isolation_epochs=2",
+                                 "-p", "epochs=3", "-p", "unlearning_epochs=1", "-p", "isolation_ratio=0.05"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert {"isolated_indices", "clean_accuracy", "seconds", "isolation_precision", "phases"} <= set(d)
+    held = round(0.1 * 1500)
+    assert d["train_size"] + d["holdout_size"] == 1500 and d["holdout_size"] == pytest.approx(held, abs=10)
+    assert len(d["isolated_indices"]) == round(0.05 * d["train_size"])
+    assert all(0 <= i < 1500 for i in d["isolated_indices"])
+    # precision is recomputed from the indices in the file's order
+    assert d["isolation_precision"] == pytest.approx(float(p.is_poison[d["isolated_indices"]].float().mean()))
+    assert 0.5 < d["clean_accuracy"] <= 1.0 and d["seconds"] > 0
+    assert (tmp_path / "fig" / "loss_traces.png").is_file()
+    # the TorchScript export loads without backdoorlab and predicts like the JSON says
+    ts = torch.jit.load(str(out))
+    with torch.no_grad():
+        logits = ts(p.float_batch(slice(0, 300)))
+    assert logits.shape == (300, 10)
+    assert float((logits.argmax(1) == p.y[:300]).float().mean()) > 0.5
+    # bad input: a method that is not a robust trainer
+    r2 = CliRunner().invoke(app, ["train-robust", "--data", str(npz), "--method", "strip"])
+    assert r2.exit_code == 2 and "not a robust trainer" in r2.output
