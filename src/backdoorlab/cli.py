@@ -573,6 +573,9 @@ def guard(
         out.print(f"wrote {kind}: {v}")
 
 
+from backdoorlab import cli_grid  # noqa: E402,F401  (registers `bench` and `report`)
+
+
 def main() -> None:
     """Entry point of the ``backdoorlab`` script."""
     try:
