@@ -149,16 +149,24 @@ def _defense_outcome(cell_id: str, cfg, prep, model, before: dict[str, float], t
 
 
 # ----------------------------------------------------------------------------- tasks
+def _start(cfg_json: str, threads: int | None):
+    """The task's experiment config, with torch set up (the engine's thread count wins)."""
+    from backdoorlab.experiment import setup_torch
+
+    _threads(threads)
+    cfg = _config(cfg_json)
+    setup_torch(cfg)
+    _threads(threads)
+    return cfg
+
+
 def victim_task(cell_id: str, cfg_json: str, cached_weights: bytes | None, threads: int | None) -> list[CellOutcome]:
     """Train (or load) and evaluate one victim."""
     t0 = time.perf_counter()
     try:
-        _threads(threads)
-        from backdoorlab.experiment import setup_torch, train_victim
+        from backdoorlab.experiment import train_victim
 
-        cfg = _config(cfg_json)
-        setup_torch(cfg)
-        _threads(threads)
+        cfg = _start(cfg_json, threads)
         prep = _prepared(cfg)
         data = prep.train_set
         if cached_weights is not None:
@@ -191,12 +199,9 @@ def group_task(victim_cell_id: str, cfg_json: str, defense_cells: list[tuple[str
     """A victim of a training-time attack and all its defenses, in one task (not cacheable)."""
     t0 = time.perf_counter()
     try:
-        _threads(threads)
-        from backdoorlab.experiment import prepare, setup_torch, train_victim
+        from backdoorlab.experiment import prepare, train_victim
 
-        cfg = _config(cfg_json)
-        setup_torch(cfg)
-        _threads(threads)
+        cfg = _start(cfg_json, threads)
         prep = prepare(cfg)  # mutated by the training-time attack: never shared
         model, history, cached = train_victim(cfg, prep, None)
         victim = _victim_outcome(victim_cell_id, cfg, prep, model, history, cached, t0)

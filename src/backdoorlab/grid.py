@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backdoorlab.config import DefenseSection, ExperimentConfig
@@ -119,13 +118,10 @@ class Grid:
 # ----------------------------------------------------------------------------- loading
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
     """Read, validate and expand a grid YAML. Every problem is reported at once, before anything runs."""
+    from backdoorlab.config import read_yaml
+
     p = Path(path)
-    if not p.is_file():
-        raise BackdoorLabError(f"grid file not found: {p}")
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise BackdoorLabError(f"{p} is not valid YAML: {exc}") from exc
+    doc = read_yaml(p, "grid")
     if doc is None or doc == {}:
         raise BackdoorLabError(f"{p} is an empty grid: give at least name and attacks (see configs/grids/)")
     if not isinstance(doc, dict):
@@ -190,15 +186,20 @@ def check_names(spec: GridSpec, where: str = "grid") -> None:
 
 
 def _set_path(doc: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = [p for p in dotted.split(".") if p]
-    node = doc
-    for p in parts[:-1]:
-        if node.get(p) is None:
-            node[p] = {}
-        if not isinstance(node[p], dict):
-            raise BackdoorLabError(f"override {dotted!r}: {p} is not a section")
-        node = node[p]
-    node[parts[-1]] = value
+    from backdoorlab.config import set_path
+
+    set_path(doc, [p for p in dotted.split(".") if p], value, f"override {dotted!r}")
+
+
+def _checked(errors: list[str], title: str, fn):
+    """``fn()``, or None with its error appended to ``errors`` (so that all are reported at once)."""
+    try:
+        return fn()
+    except ValidationError as exc:
+        errors.append(f"{title}: {format_validation_error(exc)}")
+    except BackdoorLabError as exc:
+        errors.append(f"{title}: {exc}")
+    return None
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -263,14 +264,13 @@ def expand(spec: GridSpec, where: str = "grid") -> Grid:
                             for k, v in o.set.items():
                                 if not k.startswith("defense."):
                                     _set_path(doc, k, v)
-                    try:
-                        cfg = ExperimentConfig.model_validate(doc)
-                        cfg.check_components()
-                    except ValidationError as exc:
-                        errors.append(f"{title}: {format_validation_error(exc)}")
-                        continue
-                    except BackdoorLabError as exc:
-                        errors.append(f"{title}: {exc}")
+                    def victim_config(doc=doc) -> ExperimentConfig:
+                        c = ExperimentConfig.model_validate(doc)
+                        c.check_components()
+                        return c
+
+                    cfg = _checked(errors, title, victim_config)
+                    if cfg is None:
                         continue
                     if cfg.victim_key() in seen:
                         errors.append(f"{title}: the same victim as {seen[cfg.victim_key()]}; remove the duplicate entry")
@@ -287,14 +287,13 @@ def expand(spec: GridSpec, where: str = "grid") -> Grid:
                                 for k, v in o.set.items():
                                     if k.startswith("defense."):
                                         params[k.split(".", 1)[1]] = v
-                        try:
-                            section = DefenseSection.model_validate(params)
-                            DEFENSES.build(section.name, section.extras(), where=f"defense {f_label}")
-                        except ValidationError as exc:
-                            errors.append(f"{title}/{f_label}: {format_validation_error(exc)}")
-                            continue
-                        except BackdoorLabError as exc:
-                            errors.append(f"{title}/{f_label}: {exc}")
+                        def defense_section(params=params, f_label=f_label) -> DefenseSection:
+                            sec = DefenseSection.model_validate(params)
+                            DEFENSES.build(sec.name, sec.extras(), where=f"defense {f_label}")
+                            return sec
+
+                        section = _checked(errors, f"{title}/{f_label}", defense_section)
+                        if section is None:
                             continue
                         fam = getattr(DEFENSES.get(section.name).factory, "family", "") or "defense"
                         dcfg = cfg.model_copy(update={"defenses": [section]})
