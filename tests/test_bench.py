@@ -362,3 +362,14 @@ def test_ray_engine_one_and_two_workers_identical(tmp_path):
     for cid, m in results[1].items():
         for key, v in m.items():
             assert results[2][cid][key] == pytest.approx(v, abs=1e-9), (cid, key)
+
+
+def test_cleanser_chained_after_an_identical_inspection_only():
+    from backdoorlab.bench import chain_defenses
+    from backdoorlab.grid import load_grid
+
+    g = load_grid(ROOT / "configs" / "grids" / "seed000_mnist.yaml")
+    assert [[c.defense for c in t] for t in chain_defenses(list(g.groups[0].defenses))] == [["pairwise", "pattern-subtraction"]]
+    other = load_grid(ROOT / "configs" / "grids" / "seed000_mnist.yaml",
+                      ["defenses=[{name: pairwise, images_per_class: 40}, {name: pattern-subtraction, images_per_class: 50}]"])
+    assert [[c.defense for c in t] for t in chain_defenses(list(other.groups[0].defenses))] == [["pairwise"], ["pattern-subtraction"]]

@@ -74,6 +74,36 @@ def _store_cell(cs: CellStore, cell: Cell, o: CellOutcome) -> RunRecord:
         return cs.commit_cell(cell, rec, tmp)
 
 
+def _defense(cell: Cell) -> Any:
+    from backdoorlab.defenses import DEFENSES
+
+    d = cell.config.defenses[0]
+    return DEFENSES.build(d.name, d.extras(), where=f"defense {cell.defense}")
+
+
+def chain_defenses(cells: list[Cell]) -> list[list[Cell]]:
+    """Tasks for a victim's pending defense cells: one per cell, except that a cleanser whose own
+    inspection would equal a pending pairwise inspector's runs after it, in the same task, reusing
+    that inspection (pattern subtraction re-runs the whole pairwise scan otherwise). Only exact
+    equality of the inspector's parameters chains, so no result depends on the chaining."""
+    from backdoorlab.defenses.pairwise import PairwiseTriggerInspector
+
+    tasks: list[list[Cell]] = [[c] for c in cells]
+    inspectors = [t for t in tasks if isinstance(_defense(t[0]), PairwiseTriggerInspector)]
+    for t in list(tasks):
+        c = t[0]
+        d = _defense(c)
+        if c.family != "cleanser" or not hasattr(d, "images_per_class"):
+            continue
+        own = PairwiseTriggerInspector(images_per_class=d.images_per_class, seed=getattr(d, "seed", 0))
+        for chain in inspectors:
+            if _defense(chain[0]) == own:
+                chain.append(c)
+                tasks.remove(t)
+                break
+    return tasks
+
+
 def run_grid(grid: Grid, store: Store, engine: Engine, progress: Progress | None = None,
              lock_wait: float = 0.0) -> GridSummary:
     """Run every cell of ``grid`` not yet done in ``store``; returns the counts."""
@@ -106,8 +136,9 @@ def run_grid(grid: Grid, store: Store, engine: Engine, progress: Progress | None
             if not todo:
                 return
             shared = engine.share(payload)
-            for c in todo:
-                submit("defense", g, [c], defense_task, c.cell_id, c.config.model_dump_json(), shared, threads)
+            for chain in chain_defenses(todo):
+                submit("defense", g, chain, defense_task, [(c.cell_id, c.config.model_dump_json()) for c in chain],
+                       shared, threads)
 
         try:
             for g in grid.groups:

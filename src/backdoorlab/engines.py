@@ -7,7 +7,7 @@ return :class:`CellOutcome` lists; they never touch the store. The driver
 - ``victim_task``: prepare the data, train the victim (or load the cached weights the driver sent),
   evaluate CA / ASR. Returns the weights, so defense tasks and the cache get them.
 - ``defense_task``: rebuild the same poisoned data (deterministic: seeded generators), load the
-  victim's weights, run one defense. The prepared data is kept per worker process (keyed by the
+  victim's weights, run one defense (or an inspector and the cleanser that reuses its inspection). The prepared data is kept per worker process (keyed by the
   victim), so the defenses of one victim share one preparation on a worker.
 - ``group_task``: a victim trained by a training-time attack (input-aware, pruning-aware) cannot
   be cached, so it runs with all its defenses in one task.
@@ -179,19 +179,24 @@ def victim_task(cell_id: str, cfg_json: str, cached_weights: bytes | None, threa
         return [CellOutcome(cell_id, False, error=_error_text(exc), seconds=time.perf_counter() - t0, pid=os.getpid())]
 
 
-def defense_task(cell_id: str, cfg_json: str, victim: VictimPayload, threads: int | None) -> list[CellOutcome]:
-    """Run one defense against a trained victim."""
-    t0 = time.perf_counter()
-    try:
-        _threads(threads)
-        cfg = _config(cfg_json)
-        prep = _prepared(cfg)
-        data = prep.train_set
-        model = model_from_bytes(victim.weights, data.num_classes, data.shape)
-        return [_defense_outcome(cell_id, cfg, prep, model, victim.metrics, t0)]
-    except Exception as exc:
-        log.debug("defense cell %s failed", cell_id, exc_info=True)
-        return [CellOutcome(cell_id, False, error=_error_text(exc), seconds=time.perf_counter() - t0, pid=os.getpid())]
+def defense_task(cells: list[tuple[str, str]], victim: VictimPayload, threads: int | None) -> list[CellOutcome]:
+    """Run defenses against a trained victim, in order, sharing a context: a cleanser after an
+    inspector reuses its inspection (the driver chains them only when that changes no result)."""
+    out: list[CellOutcome] = []
+    context: dict = {}
+    for cell_id, cfg_json in cells:
+        t0 = time.perf_counter()
+        try:
+            _threads(threads)
+            cfg = _config(cfg_json)
+            prep = _prepared(cfg)
+            data = prep.train_set
+            model = model_from_bytes(victim.weights, data.num_classes, data.shape)
+            out.append(_defense_outcome(cell_id, cfg, prep, model, victim.metrics, t0, context))
+        except Exception as exc:
+            log.debug("defense cell %s failed", cell_id, exc_info=True)
+            out.append(CellOutcome(cell_id, False, error=_error_text(exc), seconds=time.perf_counter() - t0, pid=os.getpid()))
+    return out
 
 
 def group_task(victim_cell_id: str, cfg_json: str, defense_cells: list[tuple[str, str]],
