@@ -779,6 +779,9 @@ def train_robust(
         out.print(f"wrote {kind}: {v}")
 
 
+from backdoorlab import cli_grid  # noqa: E402,F401  (registers `bench` and `report`)
+
+
 def main() -> None:
     """Entry point of the ``backdoorlab`` script."""
     try:

@@ -132,19 +132,34 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def set_path(doc: dict[str, Any], parts: list[str], value: Any, what: str) -> None:
+    """``doc[parts[0]][parts[1]]... = value``, creating sections; ``what`` names the change in errors."""
+    node = doc
+    for p in parts[:-1]:
+        if node.get(p) is None:
+            node[p] = {}
+        if not isinstance(node[p], dict):
+            raise BackdoorLabError(f"{what}: {p} is not a section")
+        node = node[p]
+    node[parts[-1]] = value
+
+
 def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     out = json.loads(json.dumps(doc))  # deep copy of plain data
     for item in overrides:
         parts, value = parse_override(item)
-        node = out
-        for p in parts[:-1]:
-            if node.get(p) is None:
-                node[p] = {}
-            if not isinstance(node[p], dict):
-                raise BackdoorLabError(f"--set {item!r}: {p} is not a section")
-            node = node[p]
-        node[parts[-1]] = value
+        set_path(out, parts, value, f"--set {item!r}")
     return out
+
+
+def read_yaml(p: Path, what: str) -> Any:
+    """The parsed YAML of ``p`` (``what`` names the file in errors: config, grid)."""
+    if not p.is_file():
+        raise BackdoorLabError(f"{what} file not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise BackdoorLabError(f"{p} is not valid YAML: {exc}") from exc
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -152,12 +167,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     doc: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise BackdoorLabError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise BackdoorLabError(f"{p} is not valid YAML: {exc}") from exc
+        loaded = read_yaml(p, "config")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

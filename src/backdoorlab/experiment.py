@@ -96,6 +96,7 @@ def train_victim(cfg: ExperimentConfig, prep: Prepared, store: Store | None, cal
     device = setup_torch(cfg)
     data = prep.train_set
     spec = ModelSpec(cfg.model.name, data.num_classes, data.shape, cfg.model.extras())
+    torch.manual_seed(cfg.seed)  # the initial weights: a victim is the same in every process (grids, resume)
     if isinstance(prep.attack, TrainingAttack):
         return _train_with_training_attack(cfg, prep, build_model(spec).to(device), callbacks)
     key = cfg.victim_key() if train_seed is None else f"{cfg.victim_key()}-train-seed-{train_seed}"

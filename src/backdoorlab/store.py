@@ -22,11 +22,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from backdoorlab.errors import BackdoorLabError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 HOME_ENV = "BACKDOORLAB_HOME"
 
 _SCHEMA = """
@@ -55,6 +55,37 @@ CREATE TABLE IF NOT EXISTS artifacts (
 );
 CREATE INDEX IF NOT EXISTS runs_created ON runs(created);
 """
+
+# Additive migrations: version -> SQL that brings a database from version-1 to version.
+_MIGRATIONS = {
+    # 2: benchmark grids (``backdoorlab bench``): the grid specs and one row per grid cell, keyed by
+    # a deterministic cell id; a finished cell points at its run (see backdoorlab.cellstore).
+    2: """
+CREATE TABLE IF NOT EXISTS grids (
+    name TEXT PRIMARY KEY,
+    spec_json TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cells (
+    cell_id TEXT PRIMARY KEY,
+    grid TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    run_id TEXT REFERENCES runs(run_id) ON DELETE SET NULL,
+    victim_key TEXT,
+    data TEXT NOT NULL,
+    model TEXT NOT NULL,
+    attack TEXT NOT NULL,
+    defense TEXT NOT NULL,
+    family TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    error TEXT,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cells_grid ON cells(grid);
+""",
+}
 
 
 @dataclass(frozen=True)
@@ -155,7 +186,8 @@ class Store:
                     f"{self.db_path} has schema version {version}, newer than this backdoorlab ({SCHEMA_VERSION}); "
                     "upgrade backdoorlab or use another --store")
             if version < SCHEMA_VERSION:
-                con.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
+                steps = "\n".join(_MIGRATIONS[v] for v in range(max(version, 1) + 1, SCHEMA_VERSION + 1))
+                con.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\n{steps}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
         except sqlite3.DatabaseError as exc:
             raise BackdoorLabError(f"{self.db_path} is not a readable backdoorlab database ({exc})") from exc
         finally:
@@ -173,8 +205,9 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def commit(self, record: RunRecord, tmp_dir: Path) -> RunRecord:
-        """Move ``tmp_dir`` into place and index the run in one transaction (both or neither)."""
+    def commit(self, record: RunRecord, tmp_dir: Path, also: Callable[[sqlite3.Connection], None] | None = None) -> RunRecord:
+        """Move ``tmp_dir`` into place and index the run in one transaction (both or neither).
+        ``also(con)``, when given, runs inside that transaction (e.g. to mark a grid cell done)."""
         final = self.runs_dir / record.run_id
         if final.exists():
             raise BackdoorLabError(f"run {record.run_id} exists already")
@@ -193,6 +226,8 @@ class Store:
                             [(rec.run_id, k, float(v)) for k, v in rec.metrics.items()])
             con.executemany("INSERT INTO artifacts (run_id, kind, path) VALUES (?,?,?)",
                             [(rec.run_id, k, v) for k, v in rec.artifacts.items()])
+            if also is not None:
+                also(con)
             con.execute("COMMIT")
         except BaseException:
             if con.in_transaction:
