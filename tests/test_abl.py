@@ -21,8 +21,8 @@ from backdoorlab.errors import BackdoorLabError
 from backdoorlab.models import ModelSpec, build_model
 from backdoorlab.types import ImageSet, PoisonedSet
 
-# small for CPU: 3 LGA epochs, 3 more on the rest, 10 unlearning epochs (defaults otherwise)
-FAST = {"isolation_epochs": 3, "epochs": 6}
+# small for CPU: 5 LGA epochs (the default), 2 more on the rest, 10 unlearning epochs (defaults otherwise)
+FAST = {"isolation_epochs": 5, "epochs": 7}
 
 
 @dataclass(frozen=True)

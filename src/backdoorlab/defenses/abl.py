@@ -36,12 +36,18 @@ Deviations, and why:
   backdoor samples better, because clean samples stay partly unlearned near ``gamma`` while the
   backdoor samples go to ~0, whereas per-sample ascent also pushes the backdoor samples back up.
 - *Isolation score.* The authors rank the samples by their loss after the last isolation epoch.
-  Under LGA the losses oscillate around ``gamma`` from epoch to epoch (an ascent step on a batch
-  whose mean fell below ``gamma`` undoes part of the learning, backdoor included), and on MNIST
-  the precision of the lowest 1% at a single epoch swings between ~0.4 and 1.0 (NOTES-issue7.md).
-  By default (``isolation_score="mean"``) each sample's loss is averaged over the evaluation
-  passes after every isolation epoch (eval mode, no augmentation); ``"last"`` is the paper's rule.
-  The same passes are the loss traces of the report.
+  Under LGA the losses oscillate around ``gamma`` (an ascent step on a batch whose mean fell below
+  ``gamma`` undoes part of the learning, backdoor included), and on MNIST the precision of the
+  lowest 1% at a single moment swings between 0.0 and 1.0 from one quarter epoch to the next
+  (NOTES-issue7.md). By default (``isolation_score="median"``) each sample's loss is measured
+  ``passes_per_epoch`` times per isolation epoch (eval mode, no augmentation) and the median over
+  the passes after the first epoch (burn-in: the backdoor is not learned yet) is its score; the
+  median ignores the passes where an ascent step briefly unlearned the trigger. ``"mean"`` averages
+  the same passes; ``"last"`` is the paper's rule. Measured on the tests' 8k full-MNIST split
+  (BadNets 10%, 5 isolation epochs, 2 threads): precision 1.00 / 0.39 / 1.00 / 1.00 / 0.95 / 1.00
+  for initial-weight seeds 0-5; the epoch-end mean used before gave 0.29 / 0.09 / 1.00 for seeds
+  0-2 (3 epochs). It is not robust on MNIST: in a bad run the easiest clean digits (classes 2, 6,
+  7) reach lower losses than the partly learned backdoor.
 - *Unlearning objective.* The authors' code minimises ``-l`` on the isolated set alone with SGD
   at lr 5e-4 (``unlearning_loss="ce-ascent"``, ``unlearning="ascent"``, ``unlearning_lr=5e-4``). On
   the MNIST CNN (no BatchNorm) that does nothing for 10+ epochs: the isolated samples sit at a
@@ -54,9 +60,15 @@ Deviations, and why:
   clean images, so each step descends on a batch of the rest as in the paper's equation 5
   (``unlearning="joint"``); the learning rate follows a cosine over the unlearning steps.
   ``ascent_bound`` clamps each sample's ``l`` in the ce-ascent form.
-- *Keeping clean accuracy.* The paper fixes the unlearning epochs. Here the held-out accuracy is
-  measured after each epoch and the latest epoch within ``tolerance`` is kept (clean accuracy
-  dips at the start of unlearning and recovers as the rest is learned again).
+- *Relearning the rest, keeping the unlearned epoch.* With a pure isolated set (all labelled with
+  the target), unlearning erases the whole target class (CA 0.965 -> 0.86 on the tests' split), and
+  one descent step on the rest per unlearning step relearns it only slowly. ``rest_steps`` (4)
+  optimiser steps on the rest follow each unlearning step; but the rest still holds ~90% of the
+  poison and slowly re-teaches the trigger, so the epoch kept (``keep="unlearned"``) is the one,
+  among those whose held-out accuracy is within ``tolerance`` of the accuracy before unlearning,
+  where the isolated samples' labels are least predicted (no ground truth needed); ``"latest"``
+  keeps the latest epoch within tolerance. Measured (same split, seed 0): ASR 1.00 -> 0.006,
+  CA 0.965 -> 0.943 (unlearning lr 5e-3).
 - *Unlearning loop.* Written on :class:`~backdoorlab.data.loader.TensorLoader` and
   :func:`~backdoorlab.train.make_optimizer` rather than :func:`~backdoorlab.train.train`, because
   it pairs two loaders, keeps BatchNorm layers in eval mode (their running statistics would
@@ -136,13 +148,20 @@ class ABL(RobustTrainer):
     unlearning_optimizer: Literal["sgd", "adam"] = "sgd"
     ascent_bound: Optional[float] = Field(None, gt=0, description="an isolated sample whose loss exceeds this no longer "
                                                                   "pushes (bounds the ascent; None: unbounded, the paper)")
-    unlearning_lr: float = Field(2e-3, gt=0, le=1, description="peak learning rate of the unlearning phase (cosine; small)")
+    unlearning_lr: float = Field(5e-3, gt=0, le=1, description="peak learning rate of the unlearning phase (cosine; small)")
+    rest_steps: int = Field(4, ge=1, le=100, description="joint unlearning: optimiser steps on batches of the rest per "
+                                                      "unlearning step (the first one shares the step, eq. 5)")
+    keep: Literal["unlearned", "latest"] = Field("unlearned", description="unlearning epoch kept among those within "
+                                                  "tolerance: lowest accuracy on the isolated samples, or the latest")
     unlearning_batch_size: int = Field(32, ge=1, description="isolated samples per unlearning step")
     tolerance: float = Field(0.03, ge=0, le=1, description="largest held-out accuracy drop accepted while unlearning")
     crop_padding: int = Field(0, ge=0, description="random crop augmentation (0: off)")
     flip: bool = False
-    isolation_score: Literal["mean", "last"] = Field("mean", description="rank samples by their loss averaged over the "
-                                                    "isolation epochs (mean) or after the last one (last: the paper)")
+    isolation_score: Literal["median", "mean", "last"] = Field("median", description="rank samples by the median (or mean) "
+                                                              "of their loss over the passes after the first isolation "
+                                                              "epoch, or by their loss after the last epoch (last: the paper)")
+    passes_per_epoch: int = Field(4, ge=1, le=100, description="per-sample loss passes per isolation epoch (evenly spaced; "
+                                                               "the last at the end of the epoch) for the isolation score")
     eval_batch_size: int = Field(1024, ge=1)
     seed: int = Field(0, ge=0)
 
@@ -188,18 +207,28 @@ class ABL(RobustTrainer):
         phases: dict[str, dict[str, float]] = {}
 
         # 1. isolation: LGA training, per-sample losses after every epoch
-        traces: list[torch.Tensor] = []
+        traces: list[torch.Tensor] = []  # after every epoch (the figure)
+        passes: list[tuple[float, torch.Tensor]] = []  # (epoch, losses) every 1/passes_per_epoch epoch (the score)
+        spe, every = [1], [1]  # steps per epoch, steps between passes
 
-        def record(event: str, **_info: Any) -> None:
-            if event == "epoch_end":
+        def record(event: str, **info: Any) -> None:
+            if event == "train_start":
+                spe[0] = max(1, info["total_steps"] // max(1, info["epochs"]))
+                every[0] = max(1, spe[0] // self.passes_per_epoch)
+            elif event == "step" and 0 < (info["step"] % spe[0]) and (info["step"] % spe[0]) % every[0] == 0 \
+                    and (info["step"] % spe[0]) + every[0] <= spe[0]:  # within the epoch; its end is recorded below
+                passes.append((info["step"] / spe[0], per_sample_loss(model, data, bs)))
+                model.train()  # the pass switched to eval mode mid-epoch
+            elif event == "epoch_end":
                 traces.append(per_sample_loss(model, data, bs))
+                passes.append((float(len(traces)), traces[-1]))
 
         gamma, per_sample = self.gamma, self.lga == "sample"
         t0 = time.perf_counter()
         hist_iso = train(model, data, self._train_config(self.isolation_epochs, "constant"), seed=self.seed,
                          loss_fn=lambda logits, y: lga_loss(logits, y, gamma, per_sample),
                          callbacks=(record, *callbacks))
-        losses = torch.stack(traces).mean(0) if self.isolation_score == "mean" else traces[-1]
+        losses = self._isolation_score(passes)
         order = torch.argsort(losses, stable=True)
         isolated, rest = order[:k].sort().values, order[k:].sort().values
         phases["isolation"] = {**_accuracies(model, sets, bs), "seconds": time.perf_counter() - t0,
@@ -242,6 +271,15 @@ class ABL(RobustTrainer):
             details["isolation_precision"] = phases["isolation"]["isolation_precision"]
             details["truth"] = truth.clone()
         return RobustTrainResult(model, isolated, details)
+
+    def _isolation_score(self, passes: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+        """Each sample's isolation score (lower = more likely poisoned) from the loss passes."""
+        if self.isolation_score == "last":
+            return passes[-1][1]
+        # the first epoch is burn-in: the backdoor is not learned yet, poisoned samples still have high losses
+        kept = [loss for epoch, loss in passes if epoch > 1] if self.isolation_epochs > 1 else [loss for _, loss in passes]
+        stacked = torch.stack(kept)
+        return stacked.median(0).values if self.isolation_score == "median" else stacked.mean(0)
 
     def _unlearn(self, model: nn.Module, isolated: ImageSet, rest: ImageSet | None, sets: dict[str, Optional[ImageSet]],
                  bs: int) -> list[dict[str, Any]]:
@@ -291,6 +329,12 @@ class ABL(RobustTrainer):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                for _ in range(self.rest_steps - 1 if rest_batches is not None else 0):  # relearn the clean classes
+                    xr, yr = next(rest_batches)
+                    loss = F.cross_entropy(model(xr.to(device).contiguous(memory_format=fmt)), yr.to(device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
             finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(q).all()) for q in model.parameters())
             m_ = measure() if finite else {}
             ok = finite and (base is None or base - m_["holdout_accuracy"] <= self.tolerance + 1e-12)
@@ -300,7 +344,9 @@ class ABL(RobustTrainer):
             log.info("abl: unlearning epoch %d: %s%s", epoch, _fmt(m_), "" if ok else " (not kept: held-out accuracy dropped)")
             if not finite:
                 break
-            if ok:  # the latest epoch within tolerance is kept (accuracy may dip, then recover)
+            # kept: the epoch within tolerance where the isolated samples' labels are least predicted (``unlearned``;
+            # the remaining poison in the rest re-teaches the trigger later), or the latest one within tolerance
+            if ok and (self.keep == "latest" or m_["isolated_accuracy"] <= kept[2]["isolated_accuracy"]):
                 kept = (epoch, copy.deepcopy(model.state_dict()), m_)
         model.load_state_dict(kept[1])
         model.eval()
