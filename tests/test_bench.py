@@ -373,3 +373,28 @@ def test_cleanser_chained_after_an_identical_inspection_only():
     other = load_grid(ROOT / "configs" / "grids" / "seed000_mnist.yaml",
                       ["defenses=[{name: pairwise, images_per_class: 40}, {name: pattern-subtraction, images_per_class: 50}]"])
     assert [[c.defense for c in t] for t in chain_defenses(list(other.groups[0].defenses))] == [["pairwise"], ["pattern-subtraction"]]
+
+
+def test_grid_bias_maps_gets_its_reference_and_abl_runs(tmp_path):
+    """Defenses that need more than the victim: bias-maps trains its clean reference inside the
+    task (``reference_seed``), ABL trains a fresh model on the poisoned data."""
+    grid = _write(tmp_path / "g.yaml", """
+name: tiny-more
+base:
+  train: {epochs: 1, batch_size: 64}
+  data: {train_size: 600, test_size: 200, holdout_fraction: 0.1}
+datasets: [{name: mnist5k}]
+models: [{name: cnn}]
+attacks: [{name: badnets, mode: all-to-one, target: 0, rate: 0.1, size: 3}]
+defenses:
+  - {name: bias-maps, reference_seed: 1, samples_per_class: 20, pair_samples: 0}
+  - {name: abl, isolation_epochs: 1, epochs: 2, unlearning_epochs: 1}
+seeds: [0]
+""")
+    r = invoke("bench", grid, "--store", tmp_path / "store", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["done"] == 3 and out["failed"] == 0, out
+    by = {c["defense"]: c["metrics"] for c in out["results"]}
+    assert by["bias-maps"]["with_reference"] == 1.0
+    assert 0.0 <= by["abl"]["isolation_precision"] <= 1.0 and "unlearning.attack_success_rate" in by["abl"]

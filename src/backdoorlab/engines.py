@@ -140,6 +140,18 @@ def _defense_outcome(cell_id: str, cfg, prep, model, before: dict[str, float], t
 
     d = cfg.defenses[0]
     defense = DEFENSES.build(d.name, d.extras(), where=f"defense {d.name}")
+    context = {} if context is None else context
+    if getattr(defense, "reference_seed", None) is not None and "reference" not in context:
+        from backdoorlab.experiment import train_reference
+
+        refs: dict[int, Any] = {}  # a clean reference (bias-maps), trained once per seed in this task
+
+        def reference(seed: int, cfg=cfg, prep=prep):
+            if seed not in refs:
+                refs[seed] = train_reference(cfg, prep, None, seed)
+            return refs[seed]
+
+        context["reference"] = reference
     ca, asr = before["clean_accuracy"], before.get("attack_success_rate")
     m, figs = run_defense(defense, model, prep, ca, asr, cfg.train.eval_batch_size, context)
     metrics = {**m, "clean_accuracy_before": ca}

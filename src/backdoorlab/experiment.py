@@ -197,6 +197,7 @@ def run_defense(defense, model: torch.nn.Module, prep: Prepared, ca: float, asr:
             from backdoorlab.plots_biasmaps import figures as bias_map_figures
 
             out["top_class"] = float(res.details["top_class"])
+            out["with_reference"] = float(res.details.get("reference") == "model")
             figs.update({Path(n).stem: png for n, png in bias_map_figures(res).items()})
     elif fam == "cleanser":
         import inspect as _inspect
