@@ -39,6 +39,8 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     step_size: int = Field(30, ge=1, description="epochs between lr drops (x0.1) for schedule 'step'")
+    warmup: float = Field(0.3, ge=0, le=100, description="epochs of linear learning-rate warm-up from 0 (0: none; without it "
+                          "the small CNN at lr 0.05 can collapse to one class, e.g. blend on full MNIST)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     crop_padding: int = Field(0, ge=0, description="random crop after this many zero pixels of padding (0: off)")
     flip: bool = Field(False, description="random horizontal flip (never for digits or signs)")
@@ -90,6 +92,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, params=None) -> torch.opt
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    warm = cfg.warmup * steps_per_epoch
+    if warm > 0 and step < warm:
+        return _scheduled(cfg, step, total_steps, steps_per_epoch) * (step + 1) / warm
+    return _scheduled(cfg, step, total_steps, steps_per_epoch)
+
+
+def _scheduled(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
     if cfg.schedule == "cosine":
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * step / max(1, total_steps)))
     if cfg.schedule == "step":

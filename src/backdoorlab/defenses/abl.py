@@ -188,7 +188,8 @@ class ABL(RobustTrainer):
 
         return TrainConfig(epochs=epochs, batch_size=self.batch_size, optimizer=self.optimizer, lr=self.lr,
                            momentum=self.momentum, weight_decay=self.weight_decay, schedule=schedule,
-                           crop_padding=self.crop_padding, flip=self.flip, eval_batch_size=self.eval_batch_size)
+                           crop_padding=self.crop_padding, flip=self.flip, eval_batch_size=self.eval_batch_size,
+                           warmup=0.0)  # the phases were measured without warm-up (NOTES-issue7.md)
 
     def train(self, model: nn.Module, data: ImageSet, *, clean: ImageSet | None = None,
               eval_clean: ImageSet | None = None, eval_triggered: ImageSet | None = None,
