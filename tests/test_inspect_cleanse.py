@@ -112,11 +112,15 @@ def test_cleanser_aligns_a_shifted_pattern():
     patterns = torch.zeros(K, K, 1, 10, 10)
     patterns[0, 2, 0, 9, 7] = 0.7  # estimated two columns left of the true trigger pixel
     insp = InspectionResult(True, [(0, 2)], [2], torch.zeros(K, K), torch.zeros(K, K), patterns)
-    res = PatternSubtraction(technique=1).cleanse(QuadrantNet(True), data, inspection=insp)
+    res = PatternSubtraction(technique=1, dilate=0).cleanse(QuadrantNet(True), data, inspection=insp)
     assert res.details["shifts"][(0, 2)] == (0, 2)
     assert sorted(torch.nonzero(res.flagged).flatten().tolist()) == sorted(planted.tolist())
-    res0 = PatternSubtraction(technique=1, max_shift=0).cleanse(QuadrantNet(True), data, inspection=insp)
+    res0 = PatternSubtraction(technique=1, max_shift=0, dilate=0).cleanse(QuadrantNet(True), data, inspection=insp)
     assert int(res0.flagged.sum()) == 0  # without alignment the subtraction misses the stamp
+    # dilating the support by 2 pixels covers the stamp without any shift
+    res2 = PatternSubtraction(technique=1, max_shift=0, dilate=2).cleanse(QuadrantNet(True), data, inspection=insp)
+    assert sorted(torch.nonzero(res2.flagged).flatten().tolist()) == sorted(planted.tolist())
+    assert PatternSubtraction(dilate=1).removal_pattern(patterns[0, 2])[0, 8:10, 6:9].eq(1).all()
 
 
 def test_audit_cli(tmp_path):

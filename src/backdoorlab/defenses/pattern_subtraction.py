@@ -19,6 +19,13 @@ Deviations, and why:
   elsewhere; subtracting it leaves enough trigger behind. We keep its support (entries of at
   least ``support`` times its peak) and scale it to peak 1 (the "normalised pattern" of the seed's
   figure 3) before subtracting. ``support=0`` with ``normalise=False`` is the seed's subtraction.
+- Dilation: the smallest pattern that flips the pair often needs only part of the stamp (2 of the
+  4 pixels of seed 000's 2x2 patch on our victim); subtracting only that part leaves enough of the
+  stamp for the backdoor to fire on some samples. The support is widened by ``dilate`` pixels
+  (a max filter) before subtracting. Seed 000's setting on full MNIST (bench_inspect.py, seed 0):
+  technique 2 TPR 0.927 -> 0.998, label correction 0.897 -> 0.987, FPR 0 in both; 0.987 is also
+  the victim's accuracy on the same samples with the true patch zeroed, the ceiling of any
+  correction by the victim's prediction.
 - Alignment: a CNN with pooling also answers to a trigger shifted by a pixel or two, and the
   estimated pattern often lands beside the true one (on seed 000's setting ours sat two columns
   left of the planted 2x2 patch), so subtracting it would miss the stamp. Before subtracting, the
@@ -78,18 +85,21 @@ class PatternSubtraction(Cleanser):
     images_per_class: int = Field(100, ge=1, description="clean images per class for the pairwise inspector")
     normalise: bool = Field(True, description="scale the pattern to peak 1 before subtracting")
     support: float = Field(0.25, ge=0.0, lt=1.0, description="keep pattern entries >= support * peak")
+    dilate: int = Field(1, ge=0, description="widen the pattern's support by this many pixels (max filter)")
     max_shift: int = Field(3, ge=0, description="align the pattern: try shifts up to this many pixels")
     search_samples: int = Field(1000, ge=1)
     batch_size: int = Field(2048, ge=1)
     seed: int = 0
 
     def removal_pattern(self, v: torch.Tensor) -> torch.Tensor:
-        """The positive part of ``v``, cut to its support and scaled to peak 1 (see the module doc)."""
+        """The positive part of ``v``, cut to its support, dilated and scaled to peak 1 (see the module doc)."""
         u = v.clamp(0, 1)
         peak = float(u.max())
         if peak <= 0:
             return u
         u = torch.where(u >= self.support * peak, u, torch.zeros_like(u))
+        if self.dilate:
+            u = F.max_pool2d(u[None], 2 * self.dilate + 1, 1, self.dilate)[0]
         return u / peak if self.normalise else u
 
     def align(self, model: nn.Module, data: ImageSet, v: torch.Tensor, t: int) -> tuple[torch.Tensor, tuple[int, int]]:
