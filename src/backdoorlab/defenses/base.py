@@ -142,11 +142,13 @@ class RobustTrainer(Defense):
 MAD_CONSISTENCY = 1.4826
 
 
-def mad_anomaly_index(values: torch.Tensor) -> torch.Tensor:
+def mad_anomaly_index(values: torch.Tensor, min_scale: float = 0.0) -> torch.Tensor:
     """Anomaly index |v - median| / (1.4826 * MAD), signed (v - median), over the finite entries.
 
     The rule of Neural Cleanse (Wang et al. 2019) and Xiang, Miller & Kesidis: an entry whose
     index exceeds 2 on the suspicious side is an outlier. Non-finite entries stay NaN.
+    ``min_scale`` floors 1.4826 * MAD: with few values (10 classes) that mostly tie, the MAD
+    collapses and differences too small to mean anything become huge indices.
     """
     v = values.double()
     ok = torch.isfinite(v)
@@ -156,6 +158,6 @@ def mad_anomaly_index(values: torch.Tensor) -> torch.Tensor:
     x = v[ok]
     med = x.median()
     mad = (x - med).abs().median() * MAD_CONSISTENCY
-    mad = torch.clamp(mad, min=1e-12 + 1e-6 * float(x.abs().mean()))
+    mad = torch.clamp(mad, min=max(min_scale, 1e-12 + 1e-6 * float(x.abs().mean())))
     out[ok] = (x - med) / mad
     return out
