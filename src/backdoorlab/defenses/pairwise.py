@@ -27,7 +27,7 @@ Deviations, and why (both for speed and accuracy, measured in benchmarks/bench_i
   shrinks it by bisection on its scale (forward passes only) to the smallest multiple that still
   reaches pi. The pair statistic is the residual of log d(v) after removing its row (source) and
   column (target) medians, flagged above ``threshold`` 3 (not 2: on 5 clean full-MNIST models the
-  largest residual index was 2.1-2.9).
+  largest residual index was 1.7-2.99, so the margin is thin).
 - Cheap where it is safe: the optimisation (30 Adam steps) runs on ``opt_images`` (10) images per
   pair; the sparsification and the rescaling use all the clean images of the source class.
   (``sparsify_images`` runs them on a subset, checked on all afterwards: faster, but with 10
