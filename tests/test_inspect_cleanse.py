@@ -63,6 +63,17 @@ def test_inspector_finds_the_planted_pair_and_nothing_on_a_clean_model():
         QuadrantNet(backdoor=False), clean).backdoored
 
 
+def test_inspector_subset_sparsification_and_one_restart_still_find_the_pair():
+    clean = quadrant_data(30, 0)
+    res = DEFENSES.create("pairwise", images_per_class=30, sparsify_images=10, restarts=1, steps=40).inspect(
+        QuadrantNet(backdoor=True), clean)
+    assert res.flagged_pairs[0] == (0, 2) and bool(res.details["reached"][0, 2])
+    # the pattern, checked on all 30 images, still reaches pi there
+    x = clean.float_batch(clean.y == 0)
+    with torch.no_grad():
+        assert int((QuadrantNet(True)((x + res.patterns[0, 2]).clamp(0, 1)).argmax(1) == 2).sum()) >= 27  # pi * 30
+
+
 def test_inspector_bad_input():
     clean = quadrant_data(5, 0)
     with pytest.raises(BackdoorLabError, match="class"):

@@ -199,26 +199,25 @@ class PairwiseTriggerInspector(Inspector):
         # rescale: smallest multiple in (0, 1] of each pattern that reaches pi, by bisection on the
         # subset, then checked on all images; a pair that misses pi there bisects again on all images
         found = self._rho(model, xs, src, tgt, best) >= self.pi
-        lo, hi = torch.zeros(p), torch.ones(p)
-        for _ in range(self.bisection_steps):
-            mid = (lo + hi) / 2
-            ok = self._rho(model, sub, src, tgt, best * mid[:, None, None, None]) >= self.pi
-            hi = torch.where(ok, mid, hi)
-            lo = torch.where(ok, lo, mid)
+        hi = self._shrink(model, sub, src, tgt, best, torch.zeros(p))
         check = torch.nonzero(found & (hi < 1)).flatten() if subset else torch.zeros(0, dtype=torch.long)
         if check.numel():
             ok = self._rho(model, xs, src[check], tgt[check], best[check] * hi[check, None, None, None]) >= self.pi
             miss = check[~ok]
             if miss.numel():  # bisection again, on all images, between the subset's scale and 1
-                lo2, hi2 = hi[miss].clone(), torch.ones(miss.numel())
-                for _ in range(self.bisection_steps):
-                    mid = (lo2 + hi2) / 2
-                    ok = self._rho(model, xs, src[miss], tgt[miss], best[miss] * mid[:, None, None, None]) >= self.pi
-                    hi2 = torch.where(ok, mid, hi2)
-                    lo2 = torch.where(ok, lo2, mid)
-                hi[miss] = hi2
+                hi[miss] = self._shrink(model, xs, src[miss], tgt[miss], best[miss], hi[miss].clone())
         best = torch.where(found[:, None, None, None], best * hi[:, None, None, None], best)
         return best, found, None
+
+    def _shrink(self, model, xs, src, tgt, v, lo: torch.Tensor) -> torch.Tensor:
+        """Smallest scale in (lo, 1] of each pattern ``v`` that still reaches pi on ``xs`` (bisection)."""
+        hi = torch.ones_like(lo)
+        for _ in range(self.bisection_steps):
+            mid = (lo + hi) / 2
+            ok = self._rho(model, xs, src, tgt, v * mid[:, None, None, None]) >= self.pi
+            hi = torch.where(ok, mid, hi)
+            lo = torch.where(ok, lo, mid)
+        return hi
 
     def _min_mask(self, model, xs, src, tgt):
         """Neural Cleanse's formulation per pair: x' = (1 - m) x + m p, m in [0,1]^(H,W), p in
