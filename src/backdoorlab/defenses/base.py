@@ -147,8 +147,8 @@ def mad_anomaly_index(values: torch.Tensor, min_scale: float = 0.0) -> torch.Ten
 
     The rule of Neural Cleanse (Wang et al. 2019) and Xiang, Miller & Kesidis: an entry whose
     index exceeds 2 on the suspicious side is an outlier. Non-finite entries stay NaN.
-    ``min_scale`` floors 1.4826 * MAD: with few values (10 classes) that mostly tie, the MAD
-    collapses and differences too small to mean anything become huge indices.
+    ``min_scale`` floors 1.4826 * MAD (in the values' units): with few values (10 classes) the MAD
+    is fragile, and a floor says how large a difference must be before it can count as an outlier.
     """
     v = values.double()
     ok = torch.isfinite(v)
