@@ -63,15 +63,41 @@ def test_inspector_finds_the_planted_pair_and_nothing_on_a_clean_model():
         QuadrantNet(backdoor=False), clean).backdoored
 
 
-def test_inspector_subset_sparsification_and_one_restart_still_find_the_pair():
+@pytest.mark.parametrize("kw", [{"restarts": 1}, {"restarts": 3, "select_images": 5}, {"select_images": None},
+                                {"precision": "fp32"}])
+def test_inspector_run_selection_and_precision_still_find_the_pair(kw):
     clean = quadrant_data(30, 0)
-    res = DEFENSES.create("pairwise", images_per_class=30, sparsify_images=10, restarts=1, steps=40).inspect(
-        QuadrantNet(backdoor=True), clean)
+    res = DEFENSES.create("pairwise", images_per_class=30, steps=40, **kw).inspect(QuadrantNet(backdoor=True), clean)
     assert res.flagged_pairs[0] == (0, 2) and bool(res.details["reached"][0, 2])
-    # the pattern, checked on all 30 images, still reaches pi there
+    # the pattern chosen on held-back images was finished on all 30: it reaches pi there
     x = clean.float_batch(clean.y == 0)
     with torch.no_grad():
         assert int((QuadrantNet(True)((x + res.patterns[0, 2]).clamp(0, 1)).argmax(1) == 2).sum()) >= 27  # pi * 30
+
+
+def test_early_exit_reach_check_decides_exactly_as_rho():
+    clean = quadrant_data(30, 1)
+    insp = DEFENSES.create("pairwise", images_per_class=30)
+    xs = torch.stack([clean.float_batch(clean.y == c) for c in range(K)])
+    src = torch.tensor([s for s in range(K) for t in range(K) if s != t])
+    tgt = torch.tensor([t for s in range(K) for t in range(K) if s != t])
+    g = torch.Generator().manual_seed(0)
+    model = QuadrantNet(False)
+    # move brightness from the source band to the target band by u per pair: around u = 0.35 the
+    # images flip one by one, so the pairs' rho spreads over (0, 1) and some sit near pi
+    u = 0.2 + 0.4 * torch.rand(src.numel(), generator=g)
+    v = torch.zeros(src.numel(), 1, 10, 10)
+    for i in range(src.numel()):
+        v[i, 0, 2 * tgt[i]:2 * tgt[i] + 2] += u[i]
+        v[i, 0, 2 * src[i]:2 * src[i] + 2] -= u[i]
+    rho = insp._rho(model, xs, src, tgt, v)
+    inside = rho[(rho > 0) & (rho < 1)]
+    assert inside.numel() >= 3
+    for pi in (float(inside.min()), float(inside.median()), float(inside.max())):  # some pair exactly at pi
+        insp = DEFENSES.create("pairwise", images_per_class=30, pi=pi)
+        assert bool((rho >= pi).any()) and bool((rho < pi).any())
+        for block in (1, 7, 16, 30):
+            assert torch.equal(insp._reaches(model, xs, src, tgt, v, block=block), rho >= pi)
 
 
 def test_inspector_bad_input():

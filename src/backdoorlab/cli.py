@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -20,7 +21,9 @@ from rich.table import Table
 from backdoorlab.errors import BackdoorLabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Attack and defend image classifiers against backdoor data poisoning.")
-out = Console(soft_wrap=True)
+# piped or redirected output has no terminal width; rich would then squeeze tables into 80 columns
+# and cut every cell to a few characters, so give it room (a terminal keeps its own width)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 240)
 err = Console(stderr=True)
 
 def handles_errors(fn):

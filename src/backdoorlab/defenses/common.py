@@ -62,6 +62,34 @@ def frozen(model: nn.Module):
         model.train(was_training)
 
 
+def bf16_supported(model: nn.Module) -> bool:
+    """True when ``model`` runs on a CPU whose oneDNN has native bfloat16 (AVX512-BF16 / AMX)."""
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if dev.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def precision_context(model: nn.Module, precision: str):
+    """Autocast context for a defense's forward passes: ``"fp32"`` (none), ``"bf16"`` (CPU bfloat16
+    autocast; an error where the CPU has no native bfloat16), ``"auto"`` (bf16 where native, else fp32).
+    Patterns and losses stay in float32; only the model's matrix products run in bfloat16."""
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    native = bf16_supported(model)
+    if precision == "bf16" and not native:
+        raise BackdoorLabError("precision 'bf16' needs a model on a CPU with native bfloat16 (AVX512-BF16 or AMX); "
+                               "use precision 'fp32' or 'auto'")
+    if not native:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
 def checked_logits(logits: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(logits).all():
         raise BackdoorLabError("the model produced NaN or infinite logits; check the model file and input range [0, 1]")
