@@ -118,7 +118,7 @@ def test_bad_data_is_a_clear_error(tiny):
 def test_is_a_registered_robust_trainer():
     abl = DEFENSES.create("abl")
     assert isinstance(abl, RobustTrainer) and abl.family == "robust-trainer"
-    assert (abl.gamma, abl.isolation_ratio) == (0.5, 0.01)
+    assert (abl.gamma, abl.isolation_ratio) == (0.2, 0.01)
 
 
 def test_experiment_yaml_runs_abl_in_place_of_training(tmp_path):
