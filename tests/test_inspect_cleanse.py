@@ -75,6 +75,22 @@ def test_inspector_run_selection_and_precision_still_find_the_pair(kw):
         assert int((QuadrantNet(True)((x + res.patterns[0, 2]).clamp(0, 1)).argmax(1) == 2).sum()) >= 27  # pi * 30
 
 
+def test_precision_context_refuses_bf16_where_the_cpu_lacks_it(monkeypatch):
+    from backdoorlab.defenses import common
+
+    model = nn.Linear(2, 2)
+    monkeypatch.setattr(common, "bf16_supported", lambda m: False)
+    with pytest.raises(BackdoorLabError, match="bfloat16.*'fp32' or 'auto'"):
+        common.precision_context(model, "bf16")
+    with common.precision_context(model, "auto"):  # falls back to float32
+        assert model(torch.ones(1, 2)).dtype == torch.float32
+    monkeypatch.setattr(common, "bf16_supported", lambda m: True)
+    with common.precision_context(model, "auto"):
+        assert model(torch.ones(1, 2)).dtype == torch.bfloat16
+    with common.precision_context(model, "fp32"):
+        assert model(torch.ones(1, 2)).dtype == torch.float32
+
+
 def test_early_exit_reach_check_decides_exactly_as_rho():
     clean = quadrant_data(30, 1)
     insp = DEFENSES.create("pairwise", images_per_class=30)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -77,16 +77,14 @@ def precision_context(model: nn.Module, precision: str):
     """Autocast context for a defense's forward passes: ``"fp32"`` (none), ``"bf16"`` (CPU bfloat16
     autocast; an error where the CPU has no native bfloat16), ``"auto"`` (bf16 where native, else fp32).
     Patterns and losses stay in float32; only the model's matrix products run in bfloat16."""
-    import contextlib
-
     if precision == "fp32":
-        return contextlib.nullcontext()
+        return nullcontext()
     native = bf16_supported(model)
     if precision == "bf16" and not native:
         raise BackdoorLabError("precision 'bf16' needs a model on a CPU with native bfloat16 (AVX512-BF16 or AMX); "
                                "use precision 'fp32' or 'auto'")
     if not native:
-        return contextlib.nullcontext()
+        return nullcontext()
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
