@@ -178,3 +178,19 @@ def test_cli_train_robust_json_and_torchscript_export(tmp_path):
     # bad input: a method that is not a robust trainer
     r2 = CliRunner().invoke(app, ["train-robust", "--data", str(npz), "--method", "strip"])
     assert r2.exit_code == 2 and "not a robust trainer" in r2.output
+
+
+def test_unlikelihood_keeps_its_gradient_on_a_saturated_trigger():
+    """A trigger learned to float32 saturation (p_y rounds to 1) must still be unlearned: the loss is
+    -log(1 - p_y), exact, with a gradient that lowers the poisoned label's logit."""
+    from backdoorlab.defenses.abl import unlearning_loss
+
+    logits = torch.tensor([[40.0, 0.0, 0.0], [1.0, 2.0, 3.0]], requires_grad=True)
+    y = torch.tensor([0, 2])
+    loss = unlearning_loss(logits, y, "unlikelihood")
+    d = logits.detach().double()  # log(1 - p_y) = log sum_{j != y} e^{z_j} - log sum_j e^{z_j}, by hand
+    expect = -((torch.log(torch.exp(d[0, 1:]).sum()) - torch.logsumexp(d[0], 0))
+               + (torch.log(torch.exp(d[1, :2]).sum()) - torch.logsumexp(d[1], 0))) / 2
+    assert float(loss) == pytest.approx(float(expect), rel=1e-4)
+    (g,) = torch.autograd.grad(loss, logits)
+    assert float(g[0, 0]) > 0.4  # descending on the loss lowers the saturated label's logit
