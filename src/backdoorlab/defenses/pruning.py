@@ -46,9 +46,10 @@ Deviations, and why:
   neurons at one position (a corner that is dark on clean digits) across many channels that are busy
   elsewhere, so no channel is dormant and channel pruning cannot reach the backdoor, while the
   corner neurons are among the most dormant (``benchmarks/bench_repair.py``, full MNIST: channel
-  fine-pruning leaves ASR 0.56-1.00 (0.56 only with a 5x larger fine-tuning rate), neuron fine-pruning ``once`` brings it to 0.002 at a 0.4-point
-  CA cost). On networks with global average pooling (vgg-small, preact-resnet18) the first Linear's
-  inputs are the channels themselves. With neurons, ``once`` is the schedule to use: in the
+  fine-pruning leaves ASR 0.56-1.00 (0.56 only with a 5x larger fine-tuning rate); neuron
+  fine-pruning ``once`` brings it to 0.002 at a 0.4-point CA cost; ``NOTES-issue5.md``). On
+  networks with global average pooling (vgg-small, preact-resnet18) the first Linear's inputs are
+  the channels themselves. With neurons, ``once`` is the schedule to use: in the
   iterative loop, fine-tuning between steps re-grows the backdoor through the corner neurons not yet
   pruned (ASR 0.99 at 0.70 pruned, where one-shot pruning alone had it at 0.003).
 - *Seed's weight variant* (``criterion="weight"``): zero every weight of the layer with value
