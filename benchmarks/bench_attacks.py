@@ -59,6 +59,9 @@ MNIST_CHANGES = {
     "wanet": ["attack.s=0.5", "attack.rate=0.1"],  # the paper's s and rate
     "input-aware": ["attack.mask_epochs=1"],
     "clean-label": ["attack.surrogate_epochs=1"],
+    # 80% of the 5,923 zeros: with all of them no clean 0 is left without the sinusoid and CA falls
+    # (seed 0, 3 epochs: rate 1.0 CA 0.949 ASR 1.0; 0.8 CA 0.9889 ASR 0.999; 0.5 CA 0.991 ASR 0.759)
+    "sig": ["attack.rate=0.8"],
 }
 
 
