@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--figures", type=Path, default=None)
     ap.add_argument("--methods", default="pruning,fine-tuning,fine-pruning-once,fine-pruning,pruning-neurons,fine-pruning-neurons")
     ap.add_argument("--param", action="append", default=[], help="fine-pruning parameter NAME=VALUE (repeatable)")
+    ap.add_argument("--tune", action="append", default=[],
+                    help="fine-tuning parameter NAME=VALUE for every method that fine-tunes (repeatable; e.g. lr=0.05)")
     args = ap.parse_args()
     if args.data != "mnist5k":
         need_shared()
@@ -62,6 +64,9 @@ def main() -> None:
     for item in args.param:
         k, _, val = item.partition("=")
         extra[k] = yaml.safe_load(val)
+    for item in args.tune:
+        k, _, val = item.partition("=")
+        tune[k] = yaml.safe_load(val)
     neurons = {"layer": first_linear(v.model)}
     methods = {
         "pruning": ("pruning", {}),
