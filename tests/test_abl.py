@@ -96,6 +96,8 @@ def test_clean_training_set_costs_little_accuracy():
     ({"isolation_epochs": 12, "epochs": 10}, ["isolation_epochs", "raise epochs to at least 12"]),
     ({"isolation_epochs": 0}, ["isolation_epochs", ">= 1"]),
     ({"lga": "both"}, ["lga"]),
+    ({"isolation_ratio": 0.5, "relearn_exclude": 0.5}, ["relearn_exclude", "below 1"]),
+    ({"relearn_exclude": 1.0}, ["relearn_exclude"]),
 ])
 def test_bad_parameters_are_clear_errors(params, words):
     with pytest.raises(BackdoorLabError) as exc:
