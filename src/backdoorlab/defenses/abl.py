@@ -89,7 +89,7 @@ Deviations, and why:
   poison within the lowest 5% of scores, 80% within 10%, 92% within 20%), so the descent skips
   the ``relearn_exclude`` share of lowest scores after the isolated ones; they are not unlearned
   (that would erase as many easy clean samples) and the model is still trained on them in phase 2,
-  as in the paper. With 0.2 (default): ASR 0.002 at 1 point of CA (NOTES-issue7.md). 0 restores
+  as in the paper. With 0.2 (default): ASR 0.006 at 0.3 point of CA (NOTES-issue7.md). 0 restores
   the paper's equation 5. It cannot help where isolation fails (blend, SIG on MNIST: no poison
   among the lowest 1%, and for blend none within the lowest 20% either).
 - *Unlearning loop.* Written on :class:`~backdoorlab.data.loader.TensorLoader` and
