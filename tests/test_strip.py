@@ -53,9 +53,10 @@ def test_registered_and_superimpose_modes():
     h = torch.tensor([0.6, 0.6]).view(1, 1, 2, 1, 1)
     assert torch.allclose(superimpose(x, h, "sum").flatten(), torch.tensor([0.8, 1.0]))  # saturating add
     assert torch.allclose(superimpose(x, h, "average").flatten(), torch.tensor([0.4, 0.65]))
+    assert torch.allclose(superimpose(x, h, "add").flatten(), torch.tensor([0.8, 1.3]))  # the paper's float add
 
 
-@pytest.mark.parametrize("mode", ["sum", "average"])
+@pytest.mark.parametrize("mode", ["sum", "add", "average"])
 def test_entropy_matches_direct_computation(mode):
     """With a held-out pool of identical images every blend is known: the mean entropy must equal
     the entropy of the model on that one blend, per input."""
@@ -65,7 +66,7 @@ def test_entropy_matches_direct_computation(mode):
     x = _set(11, seed=3)
     xf = x.float_batch()
     h = pool.float_batch(slice(0, 1))
-    blend = (xf + h).clamp(0, 1) if mode == "sum" else 0.5 * (xf + h)
+    blend = {"sum": (xf + h).clamp(0, 1), "add": xf + h, "average": 0.5 * (xf + h)}[mode]
     expect = entropy_bits(model(blend).detach())
     assert torch.allclose(det.entropy(x.x), expect, atol=1e-5)
     assert torch.allclose(det.score(xf), -expect, atol=1e-5)  # float input in [0, 1] gives the same

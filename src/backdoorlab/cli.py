@@ -500,7 +500,7 @@ def guard(
     inputs: str = typer.Option(..., "--inputs", help="images to screen: npz (y optional; is_poison = ground truth), folder or name"),
     samples: int = typer.Option(20, "--samples", min=2, help="superimposed copies per input (N)"),
     frr: float = typer.Option(0.01, "--frr", help="preset false rejection rate on clean inputs"),
-    superimpose: str = typer.Option("sum", "--superimpose", help="sum (the paper's saturating add) or average (ART's 50/50)"),
+    superimpose: str = typer.Option("sum", "--superimpose", help="sum (x+h saturated at 1), add (x+h unclipped, the paper's float code) or average (ART's 50/50)"),
     threshold_rule: str = typer.Option("quantile", "--threshold-rule", help="quantile of the clean entropies, or normal (the paper's fit)"),
     clean_size: Optional[int] = typer.Option(None, "--clean-size", min=1, help="use a stratified subsample of this many clean images"),
     seed: int = typer.Option(0, "--seed", min=0, help="seed of the clean images drawn for the blends"),

@@ -11,8 +11,11 @@ mean over the N blends is the input's entropy. A trigger that dominates the pred
 blends' predictions confident, so trojaned inputs have *low* entropy. ``score(x)`` returns the
 negative entropy, so that, as for every detector here, higher = more suspicious.
 
-- ``superimpose="sum"``: the paper's code (``cv2.addWeighted(background, 1, overlay, 1, 0)``):
-  x + h, saturated at 1. ``"average"``: 0.5 x + 0.5 h, IBM ART's ``combine_images``.
+- ``superimpose="sum"``: x + h saturated at 1 (``cv2.addWeighted(background, 1, overlay, 1, 0)``
+  on uint8 images, as in most re-implementations). ``"add"``: x + h *unclipped*, in [0, 2]: what the
+  paper's own code computes, since it calls ``addWeighted`` on float32 images divided by 255, where
+  OpenCV does not saturate (the authors' CIFAR-10 script feeds these sums to the model as they are).
+  ``"average"``: 0.5 x + 0.5 h, IBM ART's ``combine_images``.
 - ``fit(model, clean)`` scores the clean held-out images (each blended with *other* held-out
   images) and puts the boundary at the ``frr`` quantile of their entropies: a clean input is
   rejected with probability ``frr`` (the false rejection rate; ART calls this parameter
@@ -29,6 +32,10 @@ Deviations, and why:
 - Default N = 20 (ART's default; the paper uses up to 100, the seed 10): the entropy mean is
   stable by N = 20 on MNIST and CIFAR-10, and cost grows linearly with N.
 - Entropy in bits (log2), as in the paper and the seed; only the scale differs from nats.
+- Default superimposition ``sum`` (saturated), not the paper code's unclipped ``add``: neither wins
+  everywhere (benchmarks/bench_strip.py, seed 0, CIFAR-10 subset, vgg-small 30 epochs, N = 20,
+  preset FRR 1%): BadNets 3x3 FAR 0.725 (sum) -> 0.133 (add), AUROC 0.838 -> 0.994; noise blend
+  FAR 0.477 (sum) -> 0.900 (add); full MNIST BadNets FAR 0.0016 (sum) -> 0.234 (add).
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ def superimpose(x: torch.Tensor, h: torch.Tensor, mode: str) -> torch.Tensor:
     """Blend inputs ``x`` (B, 1, C, H, W) with held-out images ``h`` (B, N, C, H, W), floats in [0, 1]."""
     if mode == "sum":
         return (x + h).clamp_(0.0, 1.0)
+    if mode == "add":
+        return x + h
     return (x + h).mul_(0.5)
 
 
@@ -72,7 +81,8 @@ class Strip(InputDetector):
 
     samples: int = Field(20, ge=2, le=10_000, description="superimposed copies per input (N)")
     frr: float = Field(0.01, gt=0, lt=1, description="preset false rejection rate on clean inputs")
-    superimpose: Literal["sum", "average"] = Field("sum", description="sum: the paper's saturating add; average: ART's 50/50")
+    superimpose: Literal["sum", "add", "average"] = Field(
+        "sum", description="sum: x+h saturated at 1; add: x+h unclipped (the paper's float code); average: ART's 50/50")
     threshold_rule: Literal["quantile", "normal"] = "quantile"
     batch_size: int = Field(128, ge=1, description="blended images per forward pass (measured best near 100-200 for the small CNN on CPU)")
     seed: int = Field(0, ge=0, description="seed of the held-out images drawn for each input")
