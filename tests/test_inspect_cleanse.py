@@ -64,7 +64,7 @@ def test_inspector_finds_the_planted_pair_and_nothing_on_a_clean_model():
 
 
 @pytest.mark.parametrize("kw", [{"restarts": 1}, {"restarts": 3, "select_images": 5}, {"select_images": None},
-                                {"precision": "fp32"}])
+                                {"precision": "fp32"}, {"optimizer": "adam", "restarts": 2}, {"norm": "l2"}])
 def test_inspector_run_selection_and_precision_still_find_the_pair(kw):
     clean = quadrant_data(30, 0)
     res = DEFENSES.create("pairwise", images_per_class=30, steps=40, **kw).inspect(QuadrantNet(backdoor=True), clean)
@@ -73,6 +73,32 @@ def test_inspector_run_selection_and_precision_still_find_the_pair(kw):
     x = clean.float_batch(clean.y == 0)
     with torch.no_grad():
         assert int((QuadrantNet(True)((x + res.patterns[0, 2]).clamp(0, 1)).argmax(1) == 2).sum()) >= 27  # pi * 30
+
+
+def test_prox_step_zeroes_the_noise_and_keeps_the_trigger():
+    """The proximal step's soft threshold leaves exact zeros wherever the gradient stays weak: the raw
+    pattern for (0, 2) keeps the trigger pixel and drops most of the random start; Adam's noise floor
+    keeps every pixel non-zero."""
+    clean = quadrant_data(30, 0)
+    xs = torch.stack([clean.float_batch(clean.y == c) for c in range(K)])
+    src, tgt = torch.tensor([0]), torch.tensor([2])
+    model = QuadrantNet(True)
+    prox = DEFENSES.create("pairwise", steps=40)._optimise(model, xs, src, tgt, 1)[0, 0]
+    adam = DEFENSES.create("pairwise", steps=40, optimizer="adam")._optimise(model, xs, src, tgt, 1)[0, 0]
+    assert float(prox[9, 9]) > 0.3 and int(prox.abs().flatten().argmax()) == 99
+    assert int((prox != 0).sum()) < 30 < int((adam != 0).sum())
+
+
+def test_frozen_restores_the_model_parameters_and_format():
+    from backdoorlab.defenses.common import frozen
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 8 * 8, 2)).train()
+    w = model[0].weight
+    before = w.detach().clone()
+    with frozen(model):
+        assert model[0].weight.is_contiguous(memory_format=torch.channels_last) and not model.training
+        assert not model[0].weight.requires_grad
+    assert model[0].weight is w and w.is_contiguous() and torch.equal(w, before) and w.requires_grad and model.training
 
 
 def test_precision_context_refuses_bf16_where_the_cpu_lacks_it(monkeypatch):
@@ -158,6 +184,33 @@ def test_cleanser_finds_planted_samples_and_corrects_labels():
         assert sorted(torch.nonzero(res.flagged).flatten().tolist()) == sorted(planted.tolist())
         assert torch.equal(res.corrected_labels[planted], y_true[planted])
         assert torch.equal(res.corrected_labels[~res.flagged], data.y[~res.flagged])
+
+
+def test_relabel_uses_the_flagged_pairs_sources():
+    """Three planted class-0 images are ambiguous (band 1 brighter than band 0): once the trigger is
+    removed the model calls them 1, the seed's rule ("prediction") copies that error, "auto" and
+    "source" give the flagged pair's source 0; when the per-target rule flags the column (all-to-one
+    evidence) "auto" falls back to the most probable class other than the target."""
+    data, planted, y_true = _poisoned_quadrants()
+    x = data.x.clone()
+    amb = planted[:3]
+    x[amb, 0, 2:4, :] = 250  # band 1 brighter than band 0 (band 0 is 0.6-0.9)
+    data = ImageSet(x, data.y, K)
+    patterns = torch.zeros(K, K, 1, 10, 10)
+    patterns[0, 2, 0, 9, 9] = 0.9
+    quiet = {"target_anomaly": torch.zeros(K), "target_threshold": 2.0}
+    column = {"target_anomaly": torch.tensor([0.0, 0.0, 5.0, 0.0, 0.0]), "target_threshold": 2.0}
+    model = QuadrantNet(True)
+    labels = {}
+    for rule, details in (("prediction", quiet), ("auto", quiet), ("source", column), ("auto-column", column)):
+        insp = InspectionResult(True, [(0, 2)], [2], torch.zeros(K, K), torch.zeros(K, K), patterns, details)
+        res = PatternSubtraction(technique=1, relabel=rule.split("-")[0]).cleanse(model, data, inspection=insp)
+        assert sorted(torch.nonzero(res.flagged).flatten().tolist()) == sorted(planted.tolist())
+        labels[rule] = res.corrected_labels
+    for rule in ("prediction", "auto-column"):
+        assert labels[rule][amb].tolist() == [1, 1, 1] and torch.equal(labels[rule][planted[3:]], y_true[planted[3:]])
+    for rule in ("auto", "source"):
+        assert torch.equal(labels[rule][planted], y_true[planted])
 
 
 def test_cleanser_aligns_a_shifted_pattern():

@@ -332,6 +332,8 @@ def audit(
     images_per_class: int = typer.Option(100, "--images-per-class", help="clean images per class used by the scan"),
     statistic: str = typer.Option("min-norm", "--statistic", help="min-norm (smallest pattern; default) or seed (seed 000's)"),
     technique: int = typer.Option(2, "--technique", help="cleansing technique of seed 000: 1 (label change) or 2 (confidence drop)"),
+    relabel: str = typer.Option("auto", "--relabel", help="label correction: auto (the flagged pairs' sources unless the "
+                                "target's whole column is flagged), source, or prediction (seed 000's: the label predicted on [x - v])"),
     report: Optional[Path] = typer.Option(None, "--out", help="report folder (figures, flagged samples); default ./audit-<time>"),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = JsonOpt,
@@ -372,7 +374,7 @@ def audit(
         if tr.shape != clean.shape or tr.num_classes != clean.num_classes:
             raise BackdoorLabError(f"--train images {tr.shape} / {tr.num_classes} classes differ from --data "
                                    f"{clean.shape} / {clean.num_classes} classes")
-        cl = DEFENSES.build("pattern-subtraction", {"technique": technique, "seed": seed}, where="audit")
+        cl = DEFENSES.build("pattern-subtraction", {"technique": technique, "relabel": relabel, "seed": seed}, where="audit")
         c = cl.cleanse(net, tr, inspection=res)
         flagged_idx = torch.nonzero(c.flagged).flatten()
         result["flagged_indices"] = flagged_idx.tolist()

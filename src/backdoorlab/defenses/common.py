@@ -48,16 +48,28 @@ def check_model_matches(model: nn.Module, data: ImageSet) -> None:
 
 @contextmanager
 def frozen(model: nn.Module):
-    """Eval mode, no parameter gradients (input gradients only); restores the previous state."""
+    """Eval mode, no parameter gradients (input gradients only), and channels_last memory format for
+    a model with convolutions (the format the defenses feed their inputs in: a contiguous model
+    with channels_last inputs runs ~1.25x slower on CPU); restores the previous state, parameter
+    tensors included."""
+    from backdoorlab.train import _memory_format
+
     was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    datas = [p.data for p in params]
     model.eval()
-    for p in model.parameters():
+    for p in params:
         p.requires_grad_(False)
+    try:
+        model.to(memory_format=_memory_format(model, True))
+    except (RuntimeError, TypeError, AttributeError):  # e.g. a TorchScript model: keep its format
+        pass
     try:
         yield model
     finally:
-        for p, f in zip(model.parameters(), flags):
+        for p, f, d in zip(params, flags, datas):
+            p.data = d
             p.requires_grad_(f)
         model.train(was_training)
 
