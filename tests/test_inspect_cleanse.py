@@ -213,6 +213,27 @@ def test_relabel_uses_the_flagged_pairs_sources():
         assert torch.equal(labels[rule][planted], y_true[planted])
 
 
+def test_cleanser_skips_a_pair_whose_pattern_hurts_every_sample():
+    """A mistakenly flagged natural pair (1, 3) whose pattern dims band 3: subtracting it lowers the
+    confidence of every class-3 sample by a varying amount (one spread-out cluster), unlike the
+    planted pair's 0-or-1 drops. It is skipped; without the rule technique 1 flags clean samples."""
+    from backdoorlab.defenses.pattern_subtraction import otsu_separation
+
+    data, planted, _ = _poisoned_quadrants()
+    patterns = torch.zeros(K, K, 1, 10, 10)
+    patterns[0, 2, 0, 9, 9] = 0.9
+    patterns[1, 3, 0, 6:8, :] = 0.7
+    insp = InspectionResult(True, [(0, 2), (1, 3)], [2, 3], torch.zeros(K, K), torch.zeros(K, K), patterns, {})
+    res = PatternSubtraction(technique=1, max_shift=0).cleanse(QuadrantNet(True), data, inspection=insp)
+    assert res.details["pairs"] == [(0, 2)] and res.details["rejected_pairs"] == [(1, 3)]
+    assert res.details["separation"][(0, 2)] > 0.95 > 0.9 > res.details["separation"][(1, 3)]
+    assert sorted(torch.nonzero(res.flagged).flatten().tolist()) == sorted(planted.tolist())
+    off = PatternSubtraction(technique=1, max_shift=0, min_separation=None).cleanse(QuadrantNet(True), data, inspection=insp)
+    assert int((off.flagged & (data.y == 3)).sum()) > 0
+    assert otsu_separation(torch.cat([torch.zeros(50), torch.ones(5)])) > 0.99
+    assert otsu_separation(torch.linspace(0, 1, 100)) < 0.8
+
+
 def test_cleanser_aligns_a_shifted_pattern():
     data, planted, _ = _poisoned_quadrants()
     patterns = torch.zeros(K, K, 1, 10, 10)

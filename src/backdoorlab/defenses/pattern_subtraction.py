@@ -40,6 +40,18 @@ Deviations, and why:
   left of the planted 2x2 patch), so subtracting it would miss the stamp. Before subtracting, the
   pattern is shifted by up to ``max_shift`` pixels to the offset that changes the prediction of the
   most target-labelled training samples (a search over at most ``search_samples`` of them).
+- All-to-one attacks: the inspector may flag the target by its per-target rule (its whole column
+  of patterns is small) while no single pair passes the pair threshold; the seed's procedure then
+  has no pattern to subtract. For each such target the column's smallest pattern that reached pi
+  is used as well (one all-to-one trigger serves every source; one pattern keeps the alignment
+  search to one pass).
+- Pairs that are not poisoning patterns: "removing the backdoor pattern will not affect the model
+  decision if it is not present" (seed 000, 5.1). For a planted pair the confidence drops of the
+  samples labelled t split into two tight clusters, ~0 (clean) and ~1 (poison): Otsu's
+  separability 0.999 on mnist5k 7 -> 1. A natural pair the inspector flagged by mistake lowers
+  the confidence of every sample of t (separability 0.73-0.86 for the two such pairs on the same
+  victim, which had flagged 163 and 225 clean samples, FPR 0.116 -> 0). Pairs under
+  ``min_separation`` are skipped, with a warning.
 - Only samples whose label is the flagged pair's target are examined: a sample poisoned by an
   s -> t attack carries label t, so the others cannot be its poison, and examining them only adds
   false positives. ``all_samples=True`` examines every sample, as the seed does.
@@ -96,6 +108,9 @@ class PatternSubtraction(Cleanser):
     support: float = Field(0.25, ge=0.0, lt=1.0, description="keep pattern entries >= support * peak")
     dilate: int = Field(1, ge=0, description="widen the pattern's support by this many pixels (max filter)")
     max_shift: int = Field(3, ge=0, description="align the pattern: try shifts up to this many pixels")
+    min_separation: Optional[float] = Field(
+        0.9, ge=0.0, le=1.0, description="skip a pair whose confidence drops do not split into two clusters "
+        "(Otsu's separability below this): its pattern hurts clean samples too (None: keep every pair)")
     relabel: Literal["auto", "prediction", "source"] = Field(
         "auto", description="label correction: the prediction on [x - v] (the seed's), restricted to the flagged "
         "pairs' sources (source), or source unless the per-target rule flags the target (auto)")
@@ -151,62 +166,101 @@ class PatternSubtraction(Cleanser):
         removed_prob = torch.zeros(n, data.num_classes)
         examined = torch.zeros(n, dtype=torch.bool)
         shifts: dict[tuple[int, int], tuple[int, int]] = {}
-        if inspection.patterns is None or not inspection.flagged_pairs:
+        pairs = self.pairs_to_examine(inspection)
+        if inspection.patterns is None or not pairs:
             return CleanseResult(scores, torch.zeros(n, dtype=torch.bool), corrected, float("nan"),
                                  {"pairs": [], "examined": 0, "technique": self.technique})
-        for s, t in inspection.flagged_pairs:
+        kept, separation = [], {}
+        for s, t in pairs:
             v, shift = self.align(model, data, self.removal_pattern(inspection.patterns[s, t]), t)
             shifts[(s, t)] = shift
             idx = torch.arange(n) if self.all_samples else torch.nonzero(data.y == t).flatten()
             if idx.numel() == 0:
                 continue
+            diffs, preds, probs, yhats = [], [], [], []
             for b in range(0, idx.numel(), self.batch_size):
-                ib = idx[b:b + self.batch_size]
-                x = data.float_batch(ib)
+                x = data.float_batch(idx[b:b + self.batch_size])
                 p1 = F.softmax(predict_logits(model, x, self.batch_size), 1)
                 p2 = F.softmax(predict_logits(model, (x - v).clamp(0, 1), self.batch_size), 1)
                 yhat = p1.argmax(1)
-                diff = p1.gather(1, yhat[:, None]).squeeze(1) - p2.gather(1, yhat[:, None]).squeeze(1)
-                # keep the strongest evidence when several flagged pairs examine the same sample
-                stronger = diff > scores[ib]
-                upd = ib[stronger | ~examined[ib]]
-                sel = stronger | ~examined[ib]
-                scores[upd] = diff[sel]
-                removed_pred[upd] = p2.argmax(1)[sel]
-                removed_prob[upd] = p2[sel]
-                changed[upd] = (yhat != p2.argmax(1))[sel]
-                examined[ib] = True
-        if self.technique == 1:
+                diffs.append(p1.gather(1, yhat[:, None]).squeeze(1) - p2.gather(1, yhat[:, None]).squeeze(1))
+                preds.append(p2.argmax(1))
+                probs.append(p2)
+                yhats.append(yhat)
+            diff, pred, prob, yhat = torch.cat(diffs), torch.cat(preds), torch.cat(probs), torch.cat(yhats)
+            separation[(s, t)] = sep = otsu_separation(diff)
+            if self.min_separation is not None and sep < self.min_separation:
+                log.warning("pair (%d, %d): subtracting its pattern lowers the confidence of clean-looking and "
+                            "suspicious samples alike (two-cluster separation %.2f < min_separation %.2f): "
+                            "not treated as a poisoning pattern", s, t, sep, self.min_separation)
+                continue
+            kept.append((s, t))
+            # keep the strongest evidence when several pairs examine the same sample
+            sel = (diff > scores[idx]) | ~examined[idx]
+            upd = idx[sel]
+            scores[upd] = diff[sel]
+            removed_pred[upd] = pred[sel]
+            removed_prob[upd] = prob[sel]
+            changed[upd] = (yhat != pred)[sel]
+            examined[idx] = True
+        if not examined.any():
+            flagged = torch.zeros(n, dtype=torch.bool)
+            thr = float("nan")
+        elif self.technique == 1:
             flagged = changed & examined
             thr = float("nan")
         else:
             thr = self.delta if self.delta is not None else otsu_threshold(scores[examined])
             flagged = examined & (scores > thr)
-        corrected[flagged] = self._relabel(removed_pred, removed_prob, data.y, flagged, inspection)[flagged]
+        corrected[flagged] = self._relabel(removed_pred, removed_prob, data.y, flagged, inspection, kept)[flagged]
         log.info("pattern subtraction: %d of %d examined samples flagged", int(flagged.sum()), int(examined.sum()))
         return CleanseResult(scores, flagged, corrected, thr,
-                             {"pairs": inspection.flagged_pairs, "examined": int(examined.sum()),
+                             {"pairs": kept, "examined": int(examined.sum()), "rejected_pairs": [q for q in pairs if q not in kept],
+                              "separation": separation,
                               "technique": self.technique, "changed_prediction": changed, "shifts": shifts,
                               "removed_prediction": removed_pred, "relabel": self.relabel})
 
+    @staticmethod
+    def column_targets(inspection: InspectionResult) -> list[int]:
+        """Targets flagged by the inspector's per-target (column) rule: all-to-one evidence."""
+        d = inspection.details or {}
+        ta, thr = d.get("target_anomaly"), d.get("target_threshold")
+        if ta is None or thr is None:
+            return []
+        return [t for t in range(ta.numel()) if bool(torch.isfinite(ta[t])) and float(ta[t]) > float(thr)]
+
+    def pairs_to_examine(self, inspection: InspectionResult) -> list[tuple[int, int]]:
+        """The flagged pairs, plus, for each target flagged by the per-target rule (an all-to-one
+        attack, where single pairs may stay under the pair threshold), the pair of that column with
+        the smallest pattern that reached pi: one all-to-one trigger serves every source."""
+        pairs = list(inspection.flagged_pairs)
+        reached = (inspection.details or {}).get("reached")
+        for t in self.column_targets(inspection):
+            if any(tt == t for _, tt in pairs) or inspection.scores.dim() != 2:
+                continue
+            col = inspection.scores[:, t].clone()
+            ok = torch.isfinite(col)
+            if reached is not None:
+                ok &= reached[:, t]
+            ok[t] = False
+            if ok.any():
+                s = int(torch.where(ok, col, torch.full_like(col, float("inf"))).argmin())
+                pairs.append((s, t))
+        return pairs
 
     def _relabel(self, pred: torch.Tensor, prob: torch.Tensor, y: torch.Tensor, flagged: torch.Tensor,
-                 inspection: InspectionResult) -> torch.Tensor:
+                 inspection: InspectionResult, pairs: list[tuple[int, int]]) -> torch.Tensor:
         """Corrected labels (N,) for the ``relabel`` rule (see the module doc); only flagged entries matter."""
         if self.relabel == "prediction":
             return pred
         k = prob.shape[1]
         allowed = torch.zeros(k, k, dtype=torch.bool)  # allowed[t, c]: class c may be the source of poison labelled t
-        for s, t in inspection.flagged_pairs:
+        for s, t in pairs:
             allowed[t, s] = True
         if self.relabel == "auto":
-            ta = inspection.details.get("target_anomaly") if inspection.details else None
-            thr = inspection.details.get("target_threshold") if inspection.details else None
-            for t in range(k):
-                column = ta is not None and thr is not None and bool(torch.isfinite(ta[t])) and float(ta[t]) > float(thr)
-                if column:  # all-to-one evidence: any class but t
-                    allowed[t] = True
-                    allowed[t, t] = False
+            for t in self.column_targets(inspection):  # all-to-one evidence: any class but t
+                allowed[t] = True
+                allowed[t, t] = False
         out = pred.clone()
         idx = torch.nonzero(flagged).flatten()
         if idx.numel():
@@ -215,6 +269,20 @@ class PatternSubtraction(Cleanser):
             has = mask.any(1)
             out[idx[has]] = restricted[has]
         return out
+
+
+def otsu_separation(values: torch.Tensor) -> float:
+    """Otsu's separability eta in [0, 1]: the between-cluster share of the variance at Otsu's split
+    (1 = two tight clusters; 1 also when all values are equal, nothing to split)."""
+    v = values.double().flatten()
+    if v.numel() < 2 or float(v.var(unbiased=False)) < 1e-12:
+        return 1.0
+    thr = otsu_threshold(v)
+    lo, hi = v[v <= thr], v[v > thr]
+    if lo.numel() == 0 or hi.numel() == 0:
+        return 1.0
+    between = lo.numel() * hi.numel() / v.numel() ** 2 * float(hi.mean() - lo.mean()) ** 2
+    return float(between / float(v.var(unbiased=False)))
 
 
 def _shift(v: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
