@@ -285,8 +285,12 @@ class PairwiseTriggerInspector(Inspector):
         """Sparsify each pattern (:meth:`_sparsify`) and rescale it to the smallest multiple in (0, 1]
         that still reaches pi (:meth:`_shrink`), both on ``xs`` (forward passes only). Returns the
         patterns and whether each reaches pi on ``xs``."""
-        v = self._sparsify(model, xs, src, tgt, v)
-        found = self._reaches(model, xs, src, tgt, v)
+        v, found = self._sparsify(model, xs, src, tgt, v)
+        # a sparsified pattern was verified by its last probe; only the patterns returned unchanged
+        # (not reaching pi even amplified) are checked as they are
+        rest = torch.nonzero(~found).flatten()
+        if rest.numel():
+            found[rest] = self._reaches(model, xs, src[rest], tgt[rest], v[rest])
         idx = torch.nonzero(found).flatten()
         if idx.numel():
             hi = self._shrink(model, xs, src[idx], tgt[idx], v[idx], torch.zeros(idx.numel()))
@@ -364,11 +368,12 @@ class PairwiseTriggerInspector(Inspector):
         found = found & (rho_all >= self.pi)
         return best_m * best_p, found, best_m.flatten(1).sum(1)
 
-    def _sparsify(self, model, xs, src, tgt, v: torch.Tensor) -> torch.Tensor:
+    def _sparsify(self, model, xs, src, tgt, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep each pattern's k largest entries (by magnitude), k the smallest that still reaches pi
         on ``xs`` (bisection on k, forward passes only). Removes the optimiser's leftover noise, so
         that d(v) measures what the pair really needs: a planted stamp needs a handful of pixels.
-        A pattern that misses pi even whole (amplified) is returned unchanged."""
+        A pattern that misses pi even whole (amplified) is returned unchanged. Returns the patterns
+        and whether each sparsified one reaches pi (True for every pattern that was sparsified)."""
         p = v.shape[0]
         flat = v.flatten(1)
         order = flat.abs().argsort(1, descending=True)
@@ -395,7 +400,7 @@ class PairwiseTriggerInspector(Inspector):
             hi[act] = torch.where(ok, mid, hi[act])
             lo[act] = torch.where(ok, lo[act], mid)
         out = (amp * flat * (ranks < hi[:, None])).view_as(v).clamp(-1, 1)
-        return torch.where(reach[:, None, None, None], out, v)
+        return torch.where(reach[:, None, None, None], out, v), reach.clone()
 
     def _seed(self, model, xs, src, tgt):
         p = src.numel()
