@@ -51,7 +51,8 @@ def frozen(model: nn.Module):
     """Eval mode, no parameter gradients (input gradients only), and channels_last memory format for
     a model with convolutions (the format the defenses feed their inputs in: a contiguous model
     with channels_last inputs runs ~1.25x slower on CPU); restores the previous state, parameter
-    tensors included."""
+    tensors included. For read-only use: an in-place change to a parameter inside the block is
+    made on the channels_last copy and is dropped on exit."""
     from backdoorlab.train import _memory_format
 
     was_training = model.training
