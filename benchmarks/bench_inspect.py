@@ -89,8 +89,11 @@ def main() -> None:
     ap.add_argument("--seed-loop-pairs", type=int, default=90, help="run the seed's loop on this many pairs (time scales)")
     ap.add_argument("--clean-models", type=int, default=0)
     ap.add_argument("--full-scan-images", type=int, default=100, help="also time a scan with this many images per class (0: skip)")
+    ap.add_argument("--all-to-one", action="store_true", help="only: audit + cleanse the full-MNIST all-to-one BadNets victim")
     args = ap.parse_args()
     shared = need_shared()
+    if args.all_to_one:
+        return all_to_one(args.images_per_class)
     header("bench_inspect: seed 000 on full MNIST")
     st = Store()
     cfg = load_config(ROOT / "configs" / "seed000_mnist.yaml", [f"data.path={shared / 'mnist' / 'mnist.npz'}"])
@@ -152,6 +155,29 @@ def main() -> None:
         r = DEFENSES.create("pairwise", images_per_class=args.images_per_class).inspect(cm.eval(), cprep.splits.test)
         print(f"clean model seed {100 + i}: backdoored={r.backdoored} flagged {r.flagged_pairs} targets {r.flagged_targets} "
               f"max anomaly {r.max_anomaly:.2f}")
+
+
+def all_to_one(images: int) -> None:
+    """Full MNIST, BadNets 3x3 white square bottom-right, 10% of the non-target images -> 0 (the
+    victim of bench_strip / bench_repair, cached): the per-target rule flags 0 and the cleanser uses
+    that column's smallest pattern (no single pair need pass the pair threshold)."""
+    import _victims as V
+
+    header("bench_inspect --all-to-one: full MNIST all-to-one BadNets")
+    v = V.victim("mnist", "patch")
+    print(v.describe())
+    poisoned = V.poison(v.splits.train, v.attack, rate=0.1, target=0, source=None, mode="all-to-one",
+                        generator=torch.Generator().manual_seed(1))  # as V.victim poisons it (seed + 1)
+    for seed in (0, 1):
+        t0 = time.perf_counter()
+        r = DEFENSES.create("pairwise", images_per_class=images, seed=seed).inspect(v.model, v.splits.holdout)
+        print(f"inspector seed {seed}: {time.perf_counter() - t0:.1f} s; flagged pairs {r.flagged_pairs}, targets "
+              f"{r.flagged_targets}; target 0 index {float(r.details['target_anomaly'][0]):.2f}")
+        for tech in (1, 2):
+            c = DEFENSES.create("pattern-subtraction", technique=tech).cleanse(v.model, poisoned.without_ground_truth(), inspection=r)
+            lab = M.accuracy(c.corrected_labels[poisoned.is_poison], poisoned.y_source[poisoned.is_poison])
+            print(f"  technique {tech}: pairs used {c.details['pairs']}; TPR {100 * M.tpr(c.flagged, poisoned.is_poison):.2f}%  "
+                  f"FPR {100 * M.fpr(c.flagged, poisoned.is_poison):.4f}%  labels {100 * lab:.2f}% ({int(poisoned.is_poison.sum())} poisoned)")
 
 
 if __name__ == "__main__":
