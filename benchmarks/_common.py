@@ -9,6 +9,10 @@ from pathlib import Path
 
 import torch
 
+from backdoorlab.runtime import tune_allocator
+
+tune_allocator()  # as the backdoorlab command and the grid workers do (src/backdoorlab/runtime.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BACKDOORLAB_SHARED", ROOT.parent / "shared" / "data"))
 

@@ -67,3 +67,31 @@ def test_torchscript_foreign_model(tmp_path):
 def test_unknown_model_param():
     with pytest.raises(BackdoorLabError, match="model.depth"):
         MODELS.build("cnn", {"num_classes": 10, "input_shape": (1, 28, 28), "depth": 3}, where="model")
+
+
+def test_tune_allocator_applies_once_and_can_be_switched_off():
+    import subprocess
+    import sys
+
+    code = "from backdoorlab.runtime import tune_allocator as t; print(t(), t())"
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    env = {**__import__("os").environ, "BACKDOORLAB_TUNE_MALLOC": "0"}
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
+    assert off == ["False", "False"]
+    if sys.platform.startswith("linux") and __import__("platform").libc_ver()[0] == "glibc":
+        assert on == ["True", "True"]
+
+
+def test_cnn_pools_before_relu_with_the_same_outputs():
+    """The CNN's max-pool-before-ReLU order computes exactly relu-then-pool (they commute)."""
+    import torch
+
+    from backdoorlab.models import MODELS
+
+    torch.manual_seed(0)
+    m = MODELS.create("cnn").eval()
+    x = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        h = m.pool(m.act(m.conv1(m.norm(x))))
+        ref = m.fc2(m.act(m.fc1(torch.flatten(m.pool(m.act(m.conv2(h))), 1))))
+        assert torch.equal(m(x), ref)

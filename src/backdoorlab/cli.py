@@ -789,6 +789,9 @@ from backdoorlab import cli_grid  # noqa: E402,F401  (registers `bench` and `rep
 
 def main() -> None:
     """Entry point of the ``backdoorlab`` script."""
+    from backdoorlab.runtime import tune_allocator
+
+    tune_allocator()
     try:
         app()
     except KeyboardInterrupt:

@@ -69,6 +69,9 @@ def _config(cfg_json: str):
 
 
 def _threads(n: int | None) -> None:
+    from backdoorlab.runtime import tune_allocator
+
+    tune_allocator()  # every task runs this first, in whatever worker process it lands (idempotent)
     if n is not None:
         import torch
 
