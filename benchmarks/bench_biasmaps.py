@@ -138,14 +138,20 @@ def all_victims(sp):
     return out
 
 
-def report(insp, maps, victims, args, statistic: str) -> None:
+def report(insp, maps, victims, args, statistic: str, clean) -> None:
     """Compare every suspect's maps with the reference's; print one row each and the bars."""
     rows = []
+    ref_model = victims["reference"][0]
     for name, (m, attack, s, t) in victims.items():
         if name == "reference":
             continue
-        res = insp.compare(maps[name], maps["reference"])
-        alone = insp.compare(maps[name], None)
+        if statistic == "stamp":  # the stamps are tested on the models themselves
+            res = insp.compare(maps[name], maps["reference"],
+                               stamp=insp.stamp_test(m, ref_model, clean, maps[name], maps["reference"]))
+            alone = insp.compare(maps[name], None)  # no reference: the stamp statistic falls back to euclidean
+        else:
+            res = insp.compare(maps[name], maps["reference"])
+            alone = insp.compare(maps[name], None)
         d = res.details
         stat = d["class_statistic"]
         order = stat.argsort(descending=True).tolist()
@@ -162,7 +168,7 @@ def report(insp, maps, victims, args, statistic: str) -> None:
                          flagged=res.flagged_targets, pairs=res.flagged_pairs[:3], top_pair=top_pair,
                          anomaly_t=float(res.anomaly[t]) if t is not None else None,
                          max_anomaly=float(res.anomaly.max()), alone_top=int(alone.details["class_statistic"].argmax()),
-                         dist=[round(float(v), 2) for v in d["class_distance"]],
+                         dist=[round(float(v), 3 if statistic == "stamp" else 2) for v in d["class_statistic"]],
                          anomaly=[round(float(v), 1) for v in res.anomaly]))
         if args.figures is not None:
             from backdoorlab.plots_biasmaps import figures
@@ -198,7 +204,7 @@ def report(insp, maps, victims, args, statistic: str) -> None:
               f"clean fine-tune flagged {ft_clean['flagged'] or 'nothing'}")
     for r in rows:
         if r["attack"] in ("multiplicative", "blend"):
-            print(f"- experiment III {r['name']}: distances {r['dist']}; target {r['t']} rank {r['rank_t']}, "
+            print(f"- experiment III {r['name']}: class statistic {r['dist']}; target {r['t']} rank {r['rank_t']}, "
                   f"anomaly index {r['anomaly_t']:.2f}")
     print(flush=True)
 
@@ -250,8 +256,8 @@ def main() -> None:
         maps[name] = insp.model_maps(m, clean)
         print(f"  maps of {name}: {time.perf_counter() - t0:.1f} s", flush=True)
         torch.save(maps[name], path)
-    for statistic in ("euclidean", "local"):
-        report(DEFENSES.create("bias-maps", **params, statistic=statistic), maps, victims, args, statistic)
+    for statistic in ("stamp", "euclidean", "local"):
+        report(DEFENSES.create("bias-maps", **params, statistic=statistic), maps, victims, args, statistic, clean)
 
     # speed of Algorithm I alone: 1,000 samples per class, 10 iterations, one input kind, one model
     one = DEFENSES.create("bias-maps", inputs=("data",), eps=(0.1,), samples_per_class=1000, pair_samples=0)

@@ -91,8 +91,8 @@ def test_algorithm1_records_under_the_prediction_and_shows_the_trigger():
 
 def test_inspect_flags_the_target_with_a_reference_and_nothing_on_a_clean_suspect():
     clean = band_data(20, 0)
-    for statistic in ("euclidean", "local"):
-        insp = small(statistic=statistic)
+    for statistic in ("stamp", "euclidean", "local"):
+        insp = small(statistic=statistic, stamp_pixels=4)  # the 2x2 trigger in a 10x10 image
         res = insp.inspect(BandNet(True), clean, reference=BandNet(False))
         assert isinstance(res, InspectionResult)
         assert res.backdoored and res.flagged_targets == [2], (statistic, res.anomaly)
@@ -110,7 +110,7 @@ def test_inspect_flags_the_target_with_a_reference_and_nothing_on_a_clean_suspec
 
 def test_no_reference_fallback_runs_and_is_documented_in_the_result():
     clean = band_data(20, 0)
-    res = small(pair_samples=0, inputs=("noise",)).inspect(BandNet(True), clean)
+    res = small(pair_samples=0, inputs=("noise",), stamp_pixels=4).inspect(BandNet(True), clean)
     assert res.details["reference"] == "none" and res.details["pair_anomaly"] is None
     # the trigger corner makes class 2's map stand out from the other classes' maps
     assert res.details["top_class"] == 2
@@ -161,8 +161,11 @@ def test_figures_are_pngs():
 
     res = small(eps=(0.1, 0.5), inputs=("noise",)).inspect(BandNet(True), band_data(10, 0), reference=BandNet(False))
     figs = figures(res)
-    assert {"bias_maps_noise.png", "pair_maps_noise_0.1.png", "pair_maps_noise_0.5.png", "class_distance.png"} <= set(figs)
+    assert {"bias_maps_noise.png", "pair_maps_noise_0.1.png", "pair_maps_noise_0.5.png", "class_distance.png",
+            "stamps.png", "class_stamp.png"} <= set(figs)
     assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for png in figs.values())
+    figs = figures(small(statistic="euclidean", inputs=("noise",)).inspect(BandNet(True), band_data(10, 0), reference=BandNet(False)))
+    assert "class_distance.png" in figs and "stamps.png" not in figs
 
 
 def test_biasmaps_cli_json(tmp_path):
@@ -219,7 +222,7 @@ def _mnist5k_models():
 def test_mnist5k_patch_backdoor_target_is_flagged_and_clean_finetune_is_not():
     ref, sus, ok, holdout = _mnist5k_models()
     params = dict(inputs=("data", "noise"), eps=(0.1,), samples_per_class=100, pair_samples=0)
-    insp = DEFENSES.create("bias-maps", **params)
+    insp = DEFENSES.create("bias-maps", **params, statistic="euclidean")
     maps = {name: insp.model_maps(m, holdout) for name, m in (("ref", ref), ("sus", sus), ("ok", ok))}
     res = insp.compare(maps["sus"], maps["ref"])  # the seed's Euclidean distance
     assert res.details["top_class"] == 9 and res.flagged_targets == [9] and res.backdoored, res.anomaly
@@ -228,3 +231,31 @@ def test_mnist5k_patch_backdoor_target_is_flagged_and_clean_finetune_is_not():
     # the local statistic ranks the target (or the source) first as well
     local = DEFENSES.create("bias-maps", **params, statistic="local").compare(maps["sus"], maps["ref"])
     assert local.details["top_class"] in (8, 9), local.anomaly
+
+
+def test_mnist5k_stamp_statistic_with_an_independent_reference():
+    """The issue's harder setting: suspect and reference trained from scratch with different seeds
+    (their bias maps differ everywhere). The stamp statistic still names the target; a clean model
+    of a third seed is not flagged."""
+    from backdoorlab.attacks import ATTACKS, poison
+    from backdoorlab.data import load_source, make_splits
+    from backdoorlab.models import ModelSpec, build_model
+    from backdoorlab.train import TrainConfig, train
+
+    raw = load_source("mnist5k")
+    sp = make_splits(raw.train, None, seed=0, holdout_fraction=0.1)
+    attack = ATTACKS.create("badnets", size=5, position="top-right", margin=1)
+    poisoned = poison(sp.train, attack, rate=0.6, target=9, source=8, mode="source-specific",
+                      generator=torch.Generator().manual_seed(1)).without_ground_truth()
+    models = {}
+    for name, data, seed in (("ref", sp.train, 0), ("sus", poisoned, 1), ("ok", sp.train, 2)):
+        torch.manual_seed(seed)
+        m = build_model(ModelSpec("cnn", 10, (1, 28, 28), {"width": 16, "hidden": 64}))
+        train(m, data, TrainConfig(epochs=4), seed=seed)
+        models[name] = m.eval()
+    insp = DEFENSES.create("bias-maps", inputs=("data",), eps=(0.1,), samples_per_class=100, pair_samples=0)
+    res = insp.inspect(models["sus"], sp.holdout, reference=models["ref"])
+    assert res.details["top_class"] in (8, 9) and res.backdoored, res.scores
+    assert res.details["statistic"] == "stamp" and res.details["bias_maps"]["data@0.1"]["stamp"].shape == (10, 1, 28, 28)
+    clean_res = insp.inspect(models["ok"], sp.holdout, reference=models["ref"])
+    assert not clean_res.backdoored, (clean_res.scores, clean_res.anomaly)

@@ -604,6 +604,8 @@ def biasmaps(
     samples: int = typer.Option(1000, "--samples", help="Algorithm I: starting images per class"),
     pair_samples: int = typer.Option(20, "--pair-samples", help="Algorithm II: starting images per (source, target) pair; 0 skips it"),
     threshold: float = typer.Option(3.0, "--threshold", help="MAD anomaly index above which a class is flagged"),
+    statistic: str = typer.Option("stamp", "--statistic", help="class statistic: stamp (default; needs --reference), "
+                                  "euclidean (the seed's map distance) or local"),
     seed: int = typer.Option(0, "--seed"),
     report: Optional[Path] = typer.Option(None, "--out", help="report folder (figures, biasmaps.json); default ./biasmaps-<time>"),
     as_json: bool = JsonOpt,
@@ -621,7 +623,7 @@ def biasmaps(
     t0 = _time.perf_counter()
     insp = DEFENSES.build("bias-maps", {"inputs": tuple(inputs), "eps": tuple(eps), "iterations": iterations,
                                         "samples_per_class": samples, "pair_samples": pair_samples,
-                                        "threshold": threshold, "seed": seed}, where="biasmaps")
+                                        "threshold": threshold, "statistic": statistic, "seed": seed}, where="biasmaps")
     clean = load_images(data, split="auto")
     net = load_model_for(model, clean, arch=arch)
     ref = None
@@ -649,7 +651,7 @@ def biasmaps(
         "class_statistic": [round(float(v), 6) for v in d["class_statistic"]],
         "anomaly_index": [round(float(v), 4) for v in res.anomaly], "top_class": d["top_class"],
         "flagged_pairs": [list(p) for p in res.flagged_pairs], "top_pairs": top_pairs,
-        "reference": d["reference"], "settings": d["settings"],
+        "reference": d["reference"], "settings": d["settings"], "statistic": d["statistic"],
         "percent": {n: [round(float(v), 3) for v in e["suspect_percent"]] for n, e in d["bias_maps"].items()},
         "seconds_algorithm1": round(d["seconds_algorithm1"], 3), "seconds_algorithm2": round(d["seconds_algorithm2"], 3),
     }
@@ -661,7 +663,7 @@ def biasmaps(
         return
     verdict = "[bold red]BACKDOOR FOUND[/bold red]" if res.backdoored else "[bold green]no backdoor found[/bold green]"
     out.print(f"{verdict}  (reference: {d['reference']}; flagged classes {res.flagged_targets}, pairs {res.flagged_pairs})")
-    t = Table(title="per-class bias-map distance")
+    t = Table(title=f"per-class bias-map distance and {d['statistic']} statistic")
     for col in ("class", "distance", "statistic", "anomaly index", "flagged"):
         t.add_column(col, justify="right")
     for c in range(k):

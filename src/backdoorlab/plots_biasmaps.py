@@ -7,6 +7,8 @@
   side (seed figures 9-12);
 - :func:`distance_bars`: per-class distance between the suspect's and the reference's maps, with the
   flagged classes in red (seed figure 8);
+- with the ``stamp`` statistic, the candidate stamps of every class (``stamps.png``, titled with
+  the share each sends to its class) and that share per class (``class_stamp.png``);
 - :func:`figures`: all of them for one result, keyed by file name.
 """
 
@@ -35,7 +37,7 @@ def bias_map_grid(rows: Sequence[dict], *, title: str = "", highlight: Sequence[
             _show(ax, maps[c])
             ax.set_title(f"{c}: {float(pct[c]):.1f}%", fontsize=7,
                          color="crimson" if (who == "suspect" and c in highlight) else "black")
-        label = who + (f"\neps {r['eps']:g}" if "eps" in r else "")
+        label = r.get("label", who) + (f"\neps {r['eps']:g}" if "eps" in r else "")
         axes[i, 0].set_ylabel(label, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -119,7 +121,22 @@ def figures(result) -> dict[str, bytes]:
                     r["pair_suspect"], r.get("pair_reference"), highlight=result.flagged_pairs,
                     title=f"Algorithm II, {kind} inputs, eps {r['eps']:g}")
     other = "reference" if d.get("reference") == "model" else "median of others"
-    ylabel = f"||suspect - {other}||" if d.get("statistic", "euclidean") == "euclidean" else f"local z-score vs {other}"
+    statistic = d.get("statistic", "euclidean")
+    if statistic == "stamp":
+        out["class_distance.png"] = distance_bars(d["class_distance"], None, flagged=result.flagged_targets,
+                                                  ylabel=f"||suspect - {other}||", title="per-class bias-map distance")
+        rows = [{"suspect": e["stamp"], "suspect_percent": 100 * e["stamp_rate"], "eps": e["eps"], "label": e["kind"]}
+                for e in per.values() if e.get("stamp") is not None]
+        if rows:
+            out["stamps.png"] = bias_map_grid(rows, highlight=result.flagged_targets,
+                                              title="candidate stamps (largest map differences; grey: untouched) and the "
+                                                    "extra share of clean images each sends to its class")
+        out["class_stamp.png"] = distance_bars(
+            d["class_statistic"], result.anomaly, flagged=result.flagged_targets,
+            ylabel=f"share sent to the class\n(suspect - {'reference' if other == 'reference' else '0'})",
+            title="stamp statistic per class (numbers: MAD anomaly index)")
+        return out
+    ylabel = f"||suspect - {other}||" if statistic == "euclidean" else f"local z-score vs {other}"
     out["class_distance.png"] = distance_bars(
         d["class_distance"], result.anomaly, flagged=result.flagged_targets, ylabel=ylabel,
         title="per-class bias-map distance (numbers: MAD anomaly index)")

@@ -13,7 +13,9 @@ unlabeled data) are pushed by iterated targeted FGSM (I-FGSM, Kurakin et al. 201
   (source, prediction), a K x K grid of mean images.
 
 The same is done for a clean reference model; the Euclidean distance between the suspect's and
-the reference's maps, per class (Alg. I, seed figure 8) and per pair (Alg. II), is the statistic.
+the reference's maps, per class (Alg. I, seed figure 8) and per pair (Alg. II), is the seed's
+statistic (``statistic="euclidean"``); the default class statistic, ``stamp``, tests each class's
+map difference as a trigger (see below).
 The seed stops at visual inspection and the distance bar chart; we add the MAD anomaly index of
 Neural Cleanse (Wang et al. 2019) to turn the distances into a verdict: a class (a pair) whose
 index exceeds ``threshold`` (``pair_threshold``) on the high side is flagged. The model is called
@@ -47,6 +49,24 @@ Deviations, and why:
   (see :func:`_distance`). Two independently trained models (the issue's reference "trained with
   another seed") differ everywhere, which drowns a 5x5 trigger in the Euclidean norm; the seed
   fine-tunes its backdoored model from the clean one, where the maps differ little elsewhere.
+- ``statistic='stamp'`` (default; our addition, measured in benchmarks/bench_biasmaps.py and
+  NOTES-issue6.md): the seed reads the trigger off the target's bias map by eye (its figure 8
+  compares maps of a suspect fine-tuned from the reference, which differ only where the poison
+  changed them). Between two independently trained models the maps differ everywhere, and the
+  Euclidean distance ranked the target or source first in 1 of the seed's 4 fixed-patch attacks on
+  full MNIST. So each class's map difference is read as a candidate trigger and tested: its
+  ``stamp_pixels`` (25) entries of largest |suspect - reference| are set to 1 (difference > 0) or 0
+  (< 0) on ``stamp_images`` (2,000) clean images, and the statistic is the largest, over source
+  groups (the reference's prediction on the unstamped image), of the share of the group that the
+  suspect then puts in the class minus the share the reference puts there. A planted trigger moves
+  most of its source group with the suspect and none with the reference; natural differences of
+  two models move a few images of a group either way. A class is flagged when its MAD anomaly
+  index (scale floored at ``min_flip`` / 4) exceeds ``threshold`` and the share is at least
+  ``min_flip`` (0.1). The best setting counts (the statistic is the largest over input kinds / eps:
+  noise starts rarely draw a patch). Without a reference there is nothing to subtract (a class's
+  own strokes, stamped, send images to it), so it falls back to the Euclidean distance. The
+  Euclidean distances are still reported (``class_distance``, the seed's figure 8) and used for
+  Algorithm II's pair grid.
 - Where the reference comes from: ``inspect(model, clean, reference=...)``, or a model file in
   ``reference``; in experiment YAML ``reference_seed`` makes the runner train a clean reference
   (the victim's architecture and training config, the same clean split, that seed).
@@ -54,6 +74,7 @@ Deviations, and why:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -188,10 +209,16 @@ class BiasMaps(Inspector):
     iterations: int = Field(10, description="I-FGSM iterations (the seed: 10)")
     samples_per_class: int = Field(1000, ge=1, description="Algorithm I: starting images per target class (the seed: 1,000)")
     pair_samples: int = Field(20, ge=0, description="Algorithm II: starting images per (source, target) pair; 0 skips it")
-    statistic: Literal["euclidean", "local"] = Field(
-        "euclidean", description="map distance: euclidean (the seed's) or local (largest window of the difference's "
-                                 "robust z-score across classes)")
+    statistic: Literal["stamp", "euclidean", "local"] = Field(
+        "stamp", description="class statistic: stamp (the map difference's strongest pixels stamped on clean images: "
+                             "how many more go to the class with the suspect than with the reference), euclidean (the "
+                             "seed's map distance) or local (largest window of the difference's robust z-score)")
     window: int = Field(5, ge=1, description="local statistic: window side in pixels")
+    stamp_pixels: int = Field(25, ge=1, description="stamp statistic: pixels (entries) of each class's map difference stamped")
+    stamp_images: int = Field(2000, ge=1, description="stamp statistic: clean images the stamps are tested on")
+    min_group: int = Field(10, ge=1, description="stamp statistic: fewest images of a source group for its share to count")
+    min_flip: float = Field(0.1, ge=0.0, le=1.0, description="stamp statistic: a class is flagged only when its stamp sends "
+                                                             "at least this share of one source group to it (beyond the reference)")
     threshold: float = Field(3.0, gt=0.0, description="MAD anomaly index above which a class is flagged")
     pair_threshold: float = Field(4.0, gt=0.0, description="MAD anomaly index above which a pair is flagged")
     reference: Optional[str] = Field(None, description="reference model file (TorchScript or safetensors); or pass one to inspect()")
@@ -342,13 +369,84 @@ class BiasMaps(Inspector):
             self.check_reference(model, reference, clean)
         sus = self.model_maps(model, clean)
         ref = self.model_maps(reference, clean) if reference is not None else None
-        res = self.compare(sus, ref)
+        stamp = self.stamp_test(model, reference, clean, sus, ref) if self.statistic == "stamp" and reference is not None else None
+        res = self.compare(sus, ref, stamp=stamp)
         res.details["seconds"] = time.perf_counter() - t0
         return res
 
-    def compare(self, suspect: dict[str, dict], reference: dict[str, dict] | None) -> InspectionResult:
+    def stamps(self, suspect: dict[str, dict], reference: dict[str, dict] | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per setting, each class's candidate trigger from its map difference D = suspect - reference
+        (no reference: the median of the other classes' maps): the ``stamp_pixels`` entries of largest
+        |D| are replaced by 1 where D > 0 and by 0 where D < 0. Returns ``{setting: (mask, value)}``,
+        both (K, C, H, W) (mask bool)."""
+        out = {}
+        for name, a in suspect.items():
+            maps = a["maps"]
+            other = reference[name]["maps"] if reference is not None else _median_others(maps.flatten(1)).view_as(maps)
+            d = (maps - other).flatten(1)
+            top = d.abs().topk(min(self.stamp_pixels, d.shape[1]), dim=1).indices
+            mask = torch.zeros_like(d, dtype=torch.bool).scatter_(1, top, True)
+            out[name] = (mask.view_as(maps), (d > 0).float().view_as(maps))
+        return out
+
+    @torch.no_grad()
+    def stamp_test(self, model: nn.Module, reference: nn.Module | None, clean: ImageSet,
+                   suspect: dict[str, dict], ref_maps: dict[str, dict] | None) -> dict[str, torch.Tensor]:
+        """The ``stamp`` statistic (our addition; see the module notes): per setting, (K,) for each class
+        c the largest, over source groups g != c, of the share of group g's images that c's stamp
+        (:meth:`stamps`) sends to c with the suspect minus the share with the reference (without a
+        reference: the suspect's share alone). ``stamp_images`` clean images; an image's group is
+        the reference's prediction on it (labels are not read); images that either model already
+        puts in c unstamped are left out for c, and groups under ``min_group`` images count 0."""
+        k = clean.num_classes
+        g = torch.Generator().manual_seed(self.seed * 1000 + 7)
+        idx = torch.randperm(len(clean), generator=g)[: min(self.stamp_images, len(clean))]
+        if idx.numel() == 0:
+            raise BackdoorLabError("the stamp statistic needs clean images; the clean set is empty")
+        x = clean.float_batch(idx)
+        models = [m for m in (model, reference) if m is not None]
+
+        def pred(m: nn.Module, xx: torch.Tensor) -> torch.Tensor:
+            return torch.cat([_forward(m, xx[i:i + 1024]).argmax(1) for i in range(0, len(xx), 1024)])
+
+        out: dict[str, torch.Tensor] = {}
+        with contextlib.ExitStack() as stack:
+            for m in models:
+                stack.enter_context(frozen(m))
+            base = [pred(m, x) for m in models]
+            for name, (mask, value) in self.stamps(suspect, ref_maps).items():
+                rate = torch.zeros(k)
+                for c in range(k):
+                    keep = torch.ones(len(x), dtype=torch.bool)
+                    for b in base:
+                        keep &= b != c
+                    if not bool(keep.any()):
+                        continue
+                    xs = torch.where(mask[c], value[c], x[keep])
+                    group = base[-1][keep]  # the reference's class of each image (the suspect's without one)
+                    hits = [(pred(m, xs) == c).double() for m in models]
+                    diff = hits[0] - (hits[1] if len(hits) > 1 else 0.0)
+                    # per source group: a source-specific trigger moves one group only
+                    n_g = torch.bincount(group, minlength=k).double()
+                    share = torch.zeros(k, dtype=torch.float64).index_add_(0, group, diff) / n_g.clamp_min(1)
+                    share[n_g < self.min_group] = 0.0
+                    rate[c] = float(share.max())
+                out[name] = rate
+        return out
+
+    def compare(self, suspect: dict[str, dict], reference: dict[str, dict] | None,
+                stamp: dict[str, torch.Tensor] | None = None) -> InspectionResult:
         """The verdict from two :meth:`model_maps` outputs (same settings); ``reference`` None is the
-        no-reference fallback (each class against the median of the others)."""
+        no-reference fallback (each class against the median of the others). With ``statistic="stamp"``
+        the class statistic is ``stamp`` (:meth:`stamp_test`, per setting), its largest over settings;
+        the Euclidean distances are still reported (``class_distance``) and drive the pair grid."""
+        if self.statistic == "stamp" and stamp is None and reference is not None:
+            raise BackdoorLabError("the stamp statistic needs the models: call inspect(), or pass stamp_test()'s output")
+        # without a reference the stamp statistic falls back to the Euclidean distance (a class's own
+        # strokes, stamped, send images to it whatever the model: there is nothing to subtract)
+        dist_kind = "euclidean" if self.statistic == "stamp" else self.statistic
+        used = "stamp" if stamp is not None else dist_kind
+        stamp_images = self.stamps(suspect, reference) if stamp is not None else {}
         if reference is not None and set(reference) != set(suspect):
             raise BackdoorLabError(f"the reference maps have settings {sorted(reference)} but the suspect's "
                                    f"{sorted(suspect)}; compute both with the same bias-maps parameters")
@@ -364,7 +462,7 @@ class BiasMaps(Inspector):
             t1 += a["seconds_algorithm1"] + (b["seconds_algorithm1"] if b is not None else 0.0)
             maps = a["maps"]
             other = b["maps"] if b is not None else _median_others(maps.flatten(1)).view_as(maps)
-            dist = _distance(maps, other, self.statistic, self.window)
+            dist = _distance(maps, other, dist_kind, self.window)
             entry = {"kind": a["kind"], "eps": a["eps"], "suspect": a["maps"], "suspect_percent": a["percent"],
                      "reference": b["maps"] if b is not None else None,
                      "reference_percent": b["percent"] if b is not None else None, "distance": dist}
@@ -380,16 +478,28 @@ class BiasMaps(Inspector):
                     other_grid = torch.stack([_median_others(c) for c in cols]).transpose(0, 1).reshape(grid.shape)
                 off = ~torch.eye(k, dtype=torch.bool)  # (s, s) cells hold the images that never left s
                 pd = torch.full((k, k), float("nan"))
-                pd[off] = _distance(grid[off], other_grid[off], self.statistic, self.window)
+                pd[off] = _distance(grid[off], other_grid[off], dist_kind, self.window)
                 entry.update(pair_suspect=a["pair_maps"], pair_suspect_counts=a["pair_counts"],
                              pair_reference=b["pair_maps"] if b is not None else None,
                              pair_reference_counts=b["pair_counts"] if b is not None else None, pair_distance=pd)
                 pair_raw.append(pd)
                 pair_norm.append(pd / pd.nanmedian().clamp_min(1e-12))
+            if stamp is not None:
+                mask, value = stamp_images[name]
+                entry.update(stamp_rate=stamp[name], stamp=torch.where(mask, value, torch.full_like(value, 0.5)))
             per_setting[name] = entry
-        class_stat = torch.stack(class_norm).mean(0)
-        class_anomaly = mad_anomaly_index(class_stat).float()
-        flagged = [int(c) for c in torch.nonzero(class_anomaly > self.threshold).flatten().tolist()]
+        if stamp is not None:
+            # the best setting counts: a stamp that works from one kind of start is enough (noise starts
+            # rarely draw a patch trigger, and averaging would halve the data starts' signal)
+            class_stat = torch.stack([stamp[name] for name in suspect]).amax(0)
+            # shares near 0 for most classes make the MAD tiny: floor the scale at min_flip / 4
+            class_anomaly = mad_anomaly_index(class_stat, min_scale=self.min_flip / 4).float()
+            hit = (class_anomaly > self.threshold) & (class_stat >= self.min_flip)
+        else:
+            class_stat = torch.stack(class_norm).mean(0)
+            class_anomaly = mad_anomaly_index(class_stat).float()
+            hit = class_anomaly > self.threshold
+        flagged = [int(c) for c in torch.nonzero(hit).flatten().tolist()]
         flagged.sort(key=lambda c: -float(class_anomaly[c]))
         flagged_pairs: list[tuple[int, int]] = []
         pair_stat = pair_anomaly = None
@@ -405,7 +515,7 @@ class BiasMaps(Inspector):
             scores=class_stat.float(), anomaly=class_anomaly, patterns=None,
             details={
                 "bias_maps": per_setting, "reference": "model" if reference is not None else "none",
-                "statistic": self.statistic,
+                "statistic": used,
                 "class_distance": torch.stack(class_raw).mean(0), "class_statistic": class_stat.float(),
                 "pair_distance": torch.stack(pair_raw).mean(0) if pair_raw else None,
                 "pair_statistic": pair_stat, "pair_anomaly": pair_anomaly,
