@@ -404,10 +404,9 @@ class BiasMaps(Inspector):
         if idx.numel() == 0:
             raise BackdoorLabError("the stamp statistic needs clean images; the clean set is empty")
         x = clean.float_batch(idx)
-        models = [m for m in (model, reference) if m is not None]
+        from backdoorlab.train import predict as pred  # batched, on the model's device, NaN-checked
 
-        def pred(m: nn.Module, xx: torch.Tensor) -> torch.Tensor:
-            return torch.cat([_forward(m, xx[i:i + 1024]).argmax(1) for i in range(0, len(xx), 1024)])
+        models = [m for m in (model, reference) if m is not None]
 
         out: dict[str, torch.Tensor] = {}
         with contextlib.ExitStack() as stack:
