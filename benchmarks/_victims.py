@@ -3,7 +3,8 @@
 Each victim is trained once (seeded) and cached as safetensors under ``$BACKDOORLAB_BENCH_CACHE``
 (default ``/tmp/backdoorlab-bench-cache``), keyed by every setting that determines it.
 
-Triggers: the BadNets 3x3 white patch at the bottom-right (registered ``badnets``), a blend
+Triggers: the BadNets 3x3 white patch at the bottom-right (registered ``badnets``; ``patch_size``
+changes its side), a blend
 trigger ``x' = (1 - alpha) x + alpha k`` with a fixed uniform-noise image k (Chen et al. 2017's
 random-pattern blend; alpha 0.2; kept here rather than the registered ``blend`` so that cached
 victims and earlier figures stay comparable), and ``pruning-aware``: the registered training-time
@@ -81,16 +82,17 @@ def load_data(data: str) -> tuple[ImageSet, ImageSet]:
 
 def victim(data: str = "mnist", trigger: str = "patch", *, model: str = "cnn", epochs: int = 5, seed: int = 0,
            rate: float = 0.1, target: int = 0, mode: str = "all-to-one", source: int | None = None,
-           lr: float = 0.05, crop_padding: int = 0, flip: bool = False, holdout_fraction: float = 0.05) -> Victim:
+           lr: float = 0.05, crop_padding: int = 0, flip: bool = False, holdout_fraction: float = 0.05,
+           patch_size: int = 3) -> Victim:
     train_set, test_set = load_data(data)
     splits = make_splits(train_set, test_set, seed=seed, holdout_fraction=holdout_fraction)
-    attack: Attack = NoiseBlend(splits.train.shape) if trigger == "blend" else ATTACKS.create("badnets", size=3)
+    attack: Attack = NoiseBlend(splits.train.shape) if trigger == "blend" else ATTACKS.create("badnets", size=patch_size)
     g = torch.Generator().manual_seed(seed + 1)
     poisoned = poison(splits.train, attack, rate=rate, target=target, source=source, mode=mode, generator=g)
     triggered = poison_test(splits.test, attack, target=target, source=source, mode=mode,
                             generator=torch.Generator().manual_seed(seed + 2))
     cfg = TrainConfig(epochs=epochs, lr=lr, crop_padding=crop_padding, flip=flip)
-    extra = [] if holdout_fraction == 0.05 else [holdout_fraction]
+    extra = ([] if holdout_fraction == 0.05 else [holdout_fraction]) + ([] if patch_size == 3 else [f"patch{patch_size}"])
     key = hashlib.sha256(json.dumps([data, trigger, model, seed, rate, target, mode, source, cfg.model_dump(), *extra],
                                     sort_keys=True).encode()).hexdigest()[:16]
     path = CACHE / f"{data}-{trigger}-{model}-{key}.safetensors"
@@ -101,7 +103,7 @@ def victim(data: str = "mnist", trigger: str = "patch", *, model: str = "cnn", e
         net = build_model(ModelSpec(model, splits.train.num_classes, splits.train.shape))
         t0 = time.perf_counter()
         if trigger == "pruning-aware":
-            pa = ATTACKS.create("pruning-aware", trigger={"name": "badnets", "size": 3})
+            pa = ATTACKS.create("pruning-aware", trigger={"name": "badnets", "size": patch_size})
             pa.train_victim(net, splits.train, cfg, rate=rate, target=target, source=source, mode=mode, seed=seed)
         else:
             train(net, poisoned.without_ground_truth(), cfg, seed=seed)

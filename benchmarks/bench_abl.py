@@ -10,6 +10,8 @@ Attack settings are the working ones of ``configs/attacks/<attack>_mnist5k.yaml`
   ``--train-size`` subset of the 57,000 training images, 20,000 by default, to fit a shared 2-core
   CPU), the small CNN. Bars (issue 7): ASR <= 5%, CA within 3 points of the undefended victim,
   isolation precision >= 90% at 1% isolation, for badnets, blend, sig and clean-label.
+- ``clean`` (an attack name here): the badnets experiment without its attack; bar (issue 7, both data
+  sets): ABL costs at most 2 points of CA against normal training.
 - ``--data cifar10``: the 10,000-image CIFAR-10 subset, vgg-small with crop + flip; reported beside
   BackdoorBench's PreAct-ResNet18 ABL figures (no bar).
 - ``input-aware``: a training-time attack; after it has trained its victim, its trigger generator
@@ -17,7 +19,11 @@ Attack settings are the working ones of ``configs/attacks/<attack>_mnist5k.yaml`
   ABL has a poisoned data set to train on (no cross-trigger samples in that set). No bar.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_abl.py [--data mnist|cifar10] [--attacks badnets,blend,sig,clean-label]
-        [--train-size 20000] [--figures DIR] [--json FILE]
+        [--train-size 20000] [--set ATTACK:KEY=VALUE ...] [--param NAME=VALUE ...] [--figures DIR] [--json FILE]
+
+``--set`` changes one attack's experiment config (dotted keys, as ``backdoorlab run --set``), e.g.
+``--set sig:attack.rate=0.8`` (the full-MNIST SIG rate of ``bench_attacks.py``) or
+``--set clean-label:attack.eps=0.3``; ``--param`` changes ABL's parameters for every attack.
 """
 
 from __future__ import annotations
@@ -35,12 +41,12 @@ import yaml
 from _common import ROOT, SHARED_DATA, header, need_shared
 
 from backdoorlab.attacks.base import Attack, TrainingAttack, poison
-from backdoorlab.config import ExperimentConfig
+from backdoorlab.config import ExperimentConfig, apply_overrides
 from backdoorlab.defenses import DEFENSES
 from backdoorlab.experiment import evaluate_victim, prepare, run_defense, train_victim
 from backdoorlab.store import atomic_write_bytes, atomic_write_json
 
-BARS = {"asr": 0.05, "ca_drop": 0.03, "precision": 0.90}
+BARS = {"asr": 0.05, "ca_drop": 0.03, "precision": 0.90, "clean_ca_drop": 0.02}
 # BackdoorBench (PreAct-ResNet18, CIFAR-10, 10% poisoned) ABL: CA / ASR
 PEER = {"badnets": (0.833, 0.000), "blend": (0.773, 0.007), "sig": (0.578, 0.000)}
 # ABL paper (ResNet-34 / WRN-16-1, CIFAR-10): BadNets CA 86.11 / ASR 3.04; seed 003: clean-label 89/6, SIG 89/5
@@ -63,7 +69,10 @@ class GeneratorTrigger(Attack):
         return "input-aware generator (fixed)"
 
 
-def experiment_config(data: str, attack: str, train_size: int | None, epochs: int, seed: int) -> ExperimentConfig:
+def experiment_config(data: str, attack: str, train_size: int | None, epochs: int, seed: int,
+                      overrides: list[str] = ()) -> ExperimentConfig:
+    if attack == "clean":  # no poison: the badnets experiment without its attack
+        attack, overrides = "badnets", ["attack=null", *overrides]
     name = f"{attack}_{'cifar10' if data == 'cifar10' else 'mnist5k'}.yaml"
     path = ROOT / "configs" / "attacks" / name
     doc = yaml.safe_load((path if path.is_file() else ROOT / "configs" / name).read_text())
@@ -73,7 +82,7 @@ def experiment_config(data: str, attack: str, train_size: int | None, epochs: in
     doc["seed"] = seed
     doc["cache"] = False
     doc["threads"] = torch.get_num_threads()
-    return ExperimentConfig.model_validate(doc)
+    return ExperimentConfig.model_validate(apply_overrides(doc, list(overrides)))
 
 
 def poison_with_generator(cfg: ExperimentConfig, prep, model_res) -> None:
@@ -84,7 +93,8 @@ def poison_with_generator(cfg: ExperimentConfig, prep, model_res) -> None:
 
 
 def run_one(data: str, attack: str, args, abl_params: dict, figures: Path | None) -> dict:
-    cfg = experiment_config(data, attack, args.train_size, args.epochs, args.seed)
+    sets = [o.partition(":")[2] for o in args.set if o.partition(":")[0] == attack]
+    cfg = experiment_config(data, attack, args.train_size, args.epochs, args.seed, sets)
     t0 = time.perf_counter()
     prep = prepare(cfg)
     if isinstance(prep.attack, TrainingAttack):
@@ -108,7 +118,7 @@ def run_one(data: str, attack: str, args, abl_params: dict, figures: Path | None
     m, figs = run_defense(defense, model, prep, before["clean_accuracy"], before.get("attack_success_rate"),
                           cfg.train.eval_batch_size, seed=cfg.seed)
     row = {
-        "data": data, "attack": attack, "attack_config": cfg.attack.model_dump(), "model": cfg.model.name,
+        "data": data, "attack": attack, "attack_config": cfg.attack.model_dump() if cfg.attack is not None else None, "model": cfg.model.name,
         "train_size": len(prep.train_set), "holdout_size": len(prep.splits.holdout), "test_size": len(prep.splits.test),
         "poison_count": before.get("poison_count"), "epochs_victim": cfg.train.epochs, "seed": cfg.seed,
         "victim": {"clean_accuracy": before["clean_accuracy"], "attack_success_rate": before.get("attack_success_rate"),
@@ -124,6 +134,8 @@ def run_one(data: str, attack: str, args, abl_params: dict, figures: Path | None
 def verdict(row: dict) -> str:
     ca0, asr0 = row["victim"]["clean_accuracy"], row["victim"]["attack_success_rate"]
     m = row["abl"]
+    if row["attack"] == "clean":
+        return "MET" if ca0 - m["clean_accuracy"] <= BARS["clean_ca_drop"] else "not met (CA)"
     ok = (m["attack_success_rate"] <= BARS["asr"], ca0 - m["clean_accuracy"] <= BARS["ca_drop"],
           m.get("isolation_precision", 0.0) >= BARS["precision"])
     return "MET" if all(ok) else "not met (" + ", ".join(n for n, o in zip(("ASR", "CA", "precision"), ok) if not o) + ")"
@@ -137,6 +149,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="victim epochs (default: 5 mnist, 12 cifar10)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--param", action="append", default=[], help="abl parameter NAME=VALUE (repeatable)")
+    ap.add_argument("--set", action="append", default=[], metavar="ATTACK:KEY=VALUE",
+                    help="config override for one attack's experiment, e.g. clean-label:attack.eps=0.3 (repeatable)")
     ap.add_argument("--figures", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="append the rows (JSON lines) to this file")
     args = ap.parse_args()
@@ -159,9 +173,9 @@ def main() -> None:
         row = run_one(args.data, attack, args, abl_params, args.figures)
         m, v = row["abl"], row["victim"]
         g = lambda k: m.get(k, float("nan"))  # noqa: E731
-        bar = verdict(row) if args.data == "mnist" and attack != "input-aware" else "reported"
+        bar = verdict(row) if attack == "clean" or (args.data == "mnist" and attack != "input-aware") else "reported"
         peer = PEER.get(attack) if args.data == "cifar10" else PAPER.get(attack)
-        print(f"   {attack:12s} {int(row['poison_count'] or 0):8d} {v['clean_accuracy']:7.4f} {v['attack_success_rate']:7.4f} | "
+        print(f"   {attack:12s} {int(row['poison_count'] or 0):8d} {v['clean_accuracy']:7.4f} {v['attack_success_rate'] or float('nan'):7.4f} | "
               f"{g('isolation_precision'):7.4f} {g('isolation.clean_accuracy'):7.4f} {g('isolation.attack_success_rate'):7.4f} | "
               f"{g('training.clean_accuracy'):7.4f} {g('training.attack_success_rate'):7.4f} | "
               f"{g('clean_accuracy'):7.4f} {g('attack_success_rate'):7.4f} {v['clean_accuracy'] - g('clean_accuracy'):+7.4f} "
