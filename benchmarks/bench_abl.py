@@ -118,7 +118,8 @@ def run_one(data: str, attack: str, args, abl_params: dict, figures: Path | None
     m, figs = run_defense(defense, model, prep, before["clean_accuracy"], before.get("attack_success_rate"),
                           cfg.train.eval_batch_size, seed=cfg.seed)
     row = {
-        "data": data, "attack": attack, "attack_config": cfg.attack.model_dump() if cfg.attack is not None else None, "model": cfg.model.name,
+        "data": data, "attack": attack, "attack_config": cfg.attack and cfg.attack.model_dump(),
+        "model": cfg.model.name,
         "train_size": len(prep.train_set), "holdout_size": len(prep.splits.holdout), "test_size": len(prep.splits.test),
         "poison_count": before.get("poison_count"), "epochs_victim": cfg.train.epochs, "seed": cfg.seed,
         "victim": {"clean_accuracy": before["clean_accuracy"], "attack_success_rate": before.get("attack_success_rate"),
@@ -163,6 +164,11 @@ def main() -> None:
     abl_params = {"isolation_epochs": 4, "epochs": args.epochs + 4} if args.data == "mnist" else \
         {"isolation_epochs": 5, "epochs": args.epochs + 5, "crop_padding": 4, "flip": True,
          "unlearning_lr": 5e-4}  # the paper's rate: 5e-3 (the MNIST default) collapses vgg-small to CA 0.10
+    for item in args.set:
+        name, sep, kv = item.partition(":")
+        if not sep or "=" not in kv or name not in args.attacks.split(","):
+            raise SystemExit(f"--set {item!r}: expected ATTACK:KEY=VALUE with ATTACK one of --attacks "
+                             f"({args.attacks}), e.g. sig:attack.rate=0.8")
     for item in args.param:
         k, _, v = item.partition("=")
         abl_params[k] = yaml.safe_load(v)
