@@ -128,8 +128,8 @@ def main() -> None:
     ap.add_argument("--data", default="mnist", choices=["mnist", "cifar10", "mnist5k"])
     ap.add_argument("--trigger", default="patch", choices=["patch", "blend"])
     ap.add_argument("--samples", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=None, help="victim epochs (default: 5 mnist, 30 cifar10)")
     ap.add_argument("--patch-size", type=int, default=3, help="side of the white patch trigger (--trigger patch)")
-    ap.add_argument("--test-size", type=int, default=None, help="first clean and triggered test inputs screened (default: all)")
     ap.add_argument("--art-inputs", type=int, default=500, help="clean and triggered inputs each, for the ART comparison")
     ap.add_argument("--batch-size", type=int, default=128, help="our blends per forward pass")
     ap.add_argument("--figures", type=Path, default=None)
@@ -142,11 +142,13 @@ def main() -> None:
         need_shared()
     header(f"bench_strip {args.data} {args.trigger} N={args.samples}")
     kw = {"model": "vgg-small", "epochs": 30, "crop_padding": 2, "flip": True} if args.data == "cifar10" else {}
+    if args.epochs is not None:
+        kw["epochs"] = args.epochs
     v = victim(args.data, args.trigger, patch_size=args.patch_size, **kw)
     print(f"-- victim: {v.describe()}")
     tag = f"{args.data}_{args.trigger}" + (f"{args.patch_size}" if args.patch_size != 3 else "") + (f"_N{args.samples}" if args.samples != 20 else "")
     for mode in args.modes:
-        r = ours(v, mode, args.samples, args.test_size, args.batch_size, args.figures, tag)
+        r = ours(v, mode, args.samples, None, args.batch_size, args.figures, tag)
         print(f"   ours {mode:7s}: FRR {r['frr']:.4f}  FAR {r['far']:.4f} (on the {r['hits']} that reach the target: "
               f"{r['far_hit']:.4f})  AUROC {r['auroc']:.4f}  entropy clean {r['h_clean']:.3f} "
               f"/ triggered {r['h_trig']:.3f} bits (boundary {r['boundary']:.3f})  {r['inputs_per_second']:.0f} inputs/s "
