@@ -76,7 +76,9 @@ def main() -> None:
         "pruning-neurons": ("pruning", dict(neurons)),
         "fine-pruning-neurons": ("fine-pruning", {"schedule": "once", **neurons, **tune}),
     }
-    kw = dict(eval_clean=v.splits.test, eval_triggered=v.triggered)
+    from backdoorlab.evaluation import make_evaluator
+
+    kw = dict(evaluate=make_evaluator(v.splits.test, v.triggered))
     results = {}
     print(f"   {'method':20s} {'pruned':>7s} {'CA':>7s} {'ASR':>7s} {'dCA':>7s} {'held-out':>8s} {'seconds':>7s}")
     for name in args.methods.split(","):

@@ -16,6 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from backdoorlab.evaluation import isolation_scores, make_evaluator
 from backdoorlab.defenses import DEFENSES, RobustTrainer, RobustTrainResult
 from backdoorlab.errors import BackdoorLabError
 from backdoorlab.models import ModelSpec, build_model
@@ -45,8 +46,8 @@ def _badnets_abl():
     v = _data()
     torch.manual_seed(0)
     model = build_model(ModelSpec("cnn", 10, (1, 28, 28)))
-    res = DEFENSES.create("abl", **FAST).train(model, v.train.without_ground_truth(), clean=v.holdout, eval_clean=v.test,
-                                               eval_triggered=v.triggered, truth=v.train.is_poison)
+    res = DEFENSES.create("abl", **FAST).train(model, v.train.without_ground_truth(), clean=v.holdout,
+                                               evaluate=make_evaluator(v.test, v.triggered))
     return v, res
 
 
@@ -58,8 +59,9 @@ def test_badnets_isolates_poison_and_unlearns_backdoor():
     assert res.isolated_indices.unique().numel() == res.isolated_indices.numel()
     precision = float(v.train.is_poison[res.isolated_indices].float().mean())
     assert precision >= 0.9, precision
-    assert res.details["isolation_precision"] == pytest.approx(precision)
-    ph = res.details["phases"]
+    # the runner's scoring computes the same precision from the indices
+    assert isolation_scores(res, v.train.is_poison)["isolation_precision"] == pytest.approx(precision)
+    ph = res.phases
     # before unlearning the backdoor is there (99% of the poison is still in the training set) ...
     assert ph["training"]["attack_success_rate"] > 0.9
     # ... unlearning the isolated 1% removes it while clean accuracy stays near
@@ -67,7 +69,7 @@ def test_badnets_isolates_poison_and_unlearns_backdoor():
     assert ph["training"]["clean_accuracy"] - ph["unlearning"]["clean_accuracy"] <= 0.03
     assert ph["unlearning"]["clean_accuracy"] > 0.9
     # the per-sample loss traces: one row per isolation epoch; poisoned samples end far below clean ones
-    tr = res.details["loss_traces"]
+    tr = res.loss_traces
     assert tr.shape == (FAST["isolation_epochs"], n)
     assert float(tr[-1][v.train.is_poison].median()) < 0.1 * float(tr[-1][~v.train.is_poison].median())
     # the model returned is the unlearned one
@@ -82,8 +84,8 @@ def test_clean_training_set_costs_little_accuracy():
     clean = v.train.subset(torch.nonzero(~v.train.is_poison).flatten()).without_ground_truth()
     torch.manual_seed(0)
     res = DEFENSES.create("abl", isolation_epochs=2, epochs=4, unlearning_epochs=3).train(
-        build_model(ModelSpec("cnn", 10, (1, 28, 28))), clean, clean=v.holdout, eval_clean=v.test)
-    ph = res.details["phases"]
+        build_model(ModelSpec("cnn", 10, (1, 28, 28))), clean, clean=v.holdout, evaluate=make_evaluator(v.test, None))
+    ph = res.phases
     assert ph["training"]["clean_accuracy"] > 0.9
     assert ph["training"]["clean_accuracy"] - ph["unlearning"]["clean_accuracy"] <= 0.02, ph
 
@@ -113,7 +115,7 @@ def test_bad_data_is_a_clear_error(tiny):
     wrong = build_model(ModelSpec("cnn", 4, (1, 12, 12), {"width": 4, "hidden": 8}))
     with pytest.raises(BackdoorLabError, match="3 classes but the model has 4"):
         DEFENSES.create("abl", isolation_ratio=0.1).train(wrong, tiny)
-    with pytest.raises(BackdoorLabError, match="truth must be a bool"):
+    with pytest.raises(TypeError):  # defenses never receive the ground truth
         DEFENSES.create("abl", isolation_ratio=0.1).train(model, tiny, truth=torch.zeros(5, dtype=torch.bool))
 
 

@@ -1,13 +1,26 @@
-"""Registry-driven conformance tests for every registered data-poisoning attack, plus BadNets specifics."""
+"""Registry-driven conformance tests for every registered attack (data-poisoning and training-time),
+plus BadNets specifics. A new attack is covered without editing this file: it runs with its
+defaults unless ``CASES`` / ``TRAINING_CASES`` give it parameter sets (more variants, or faster)."""
 
 import pytest
 import torch
 
-from backdoorlab.attacks import ATTACKS, is_training_attack, poison, poison_test
+from backdoorlab.attacks import ATTACKS, TrainedVictim, TrainingAttack, is_training_attack, poison, poison_test
 from backdoorlab.attacks.base import Attack
 from backdoorlab.errors import BackdoorLabError
+from backdoorlab.types import PoisonedSet
 
-# parameter sets per attack for the conformance test; every registered data-poisoning attack must appear here
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one torch thread is much faster than several on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# parameter sets per data-poisoning attack for the conformance test (an attack not listed: its defaults)
 CASES = {
     "badnets": [{}, {"shape": "ball", "size": 5}, {"shape": "chessboard", "value": 0.1},
                 {"position": "random", "size": 2}, {"position": (1, 2), "size": 4, "value": 0.5}],
@@ -27,14 +40,13 @@ def all_cases():
     for name in ATTACKS.names():
         if is_training_attack(name):
             continue
-        for params in CASES.get(name, [None]):
+        for params in CASES.get(name, [{}]):
             yield pytest.param(name, params, id=f"{name}-{params}")
 
 
 @pytest.mark.parametrize("name,params", list(all_cases()))
 @pytest.mark.parametrize("mode", ["all-to-one", "source-specific", "all-to-all", "clean-label"])
 def test_conformance(name, params, mode, tiny):
-    assert params is not None, f"attack {name!r} has no conformance parameters in CASES"
     attack = ATTACKS.create(name, **params)
     assert isinstance(attack, Attack)
     if mode not in attack.modes:
@@ -46,7 +58,9 @@ def test_conformance(name, params, mode, tiny):
     # shape, dtype, determinism
     assert p1.x.shape == tiny.x.shape and p1.x.dtype == torch.uint8
     assert torch.equal(p1.x, p2.x) and torch.equal(p1.y, p2.y) and torch.equal(p1.is_poison, p2.is_poison)
-    # the input is untouched
+    # the input is untouched, the output is a new set
+    x0, y0 = tiny.x.clone(), tiny.y.clone()
+    assert isinstance(p1, PoisonedSet) and p1.x is not tiny.x
     assert not torch.equal(p1.x, tiny.x) or params.get("value") == 0
     # exactly the requested number of eligible samples poisoned
     eligible = {"all-to-one": tiny.y != 2, "source-specific": tiny.y == 1,
@@ -77,6 +91,9 @@ def test_conformance(name, params, mode, tiny):
     assert torch.equal(xf, before)
     # the triggered test set
     t = poison_test(tiny, attack, target=2, source=source, mode=mode)
+    assert isinstance(t, PoisonedSet) and t.x.dtype == torch.uint8 and t.x.shape[1:] == tiny.x.shape[1:]
+    assert bool(t.is_poison.all()) and len(t) == int((t.y_source >= 0).sum())
+    assert torch.equal(tiny.x, x0) and torch.equal(tiny.y, y0)
     if mode == "source-specific":
         assert torch.all(t.y_source == 1)
     elif mode == "all-to-all":
@@ -84,6 +101,63 @@ def test_conformance(name, params, mode, tiny):
     else:
         assert torch.all(t.y_source != 2) and torch.all(t.y == 2)
 
+
+
+# ----------------------------------------------------------------------------- training-time attacks
+# smaller than the defaults, for speed only (an attack not listed runs with its defaults)
+TRAINING_CASES = {
+    "input-aware": {"mask_epochs": 1, "width": 4},
+    "pruning-aware": {"trigger": {"name": "badnets", "size": 2}},
+}
+
+
+def training_cases():
+    for name in ATTACKS.names():
+        if is_training_attack(name):
+            yield pytest.param(name, TRAINING_CASES.get(name, {}), id=name)
+
+
+@pytest.mark.parametrize("name,params", list(training_cases()))
+def test_training_attack_conformance(name, params, tiny):
+    """Every training-time attack trains the victim it is given (one epoch, tiny data) and returns a
+    :class:`TrainedVictim` whose trigger keeps shape and range; its triggered test set is uint8 in
+    the data's shape, labelled with the target; the clean training set it was given is untouched."""
+    from backdoorlab.models import ModelSpec, build_model
+    from backdoorlab.train import TrainConfig
+
+    attack = ATTACKS.create(name, **params)
+    assert isinstance(attack, TrainingAttack) and attack.modes and set(attack.modes) <= {
+        "all-to-one", "source-specific", "all-to-all", "clean-label"}
+    mode = "all-to-one" if "all-to-one" in attack.modes else attack.modes[0]
+    source = 1 if mode == "source-specific" else None
+    kw = dict(rate=0.25, target=2, source=source, mode=mode)
+    attack.check(tiny, **kw)
+    with pytest.raises(BackdoorLabError):
+        attack.check(tiny, rate=0.25, target=7, source=None, mode=mode)  # not a class of the data
+    x0, y0 = tiny.x.clone(), tiny.y.clone()
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("cnn", 3, tiny.shape, {"width": 4, "hidden": 16}))
+    victim = attack.train_victim(model, tiny, TrainConfig(epochs=1, batch_size=16, warmup=0), seed=0, **kw)
+    assert isinstance(victim, TrainedVictim) and isinstance(victim.model, torch.nn.Module)
+    assert torch.equal(tiny.x, x0) and torch.equal(tiny.y, y0)
+    victim.model.eval()
+    xf = tiny.float_batch(slice(0, 8))
+    before = xf.clone()
+    with torch.no_grad():
+        assert victim.model(xf).shape == (8, 3)
+        out = victim.trigger(xf)
+    assert out.shape == xf.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0 and torch.equal(xf, before)
+    assert not torch.equal(out, xf), "the trigger changes nothing"
+    t = victim.triggered_test(tiny, target=2, source=source, mode=mode)
+    assert isinstance(t, PoisonedSet) and t.x.dtype == torch.uint8 and t.x.shape[1:] == tiny.x.shape[1:] and len(t)
+    if mode != "all-to-all":
+        assert torch.all(t.y == 2) and torch.all(t.y_source != 2)
+    if victim.poisoned is not None:  # a fixed poisoned training set (pruning-aware)
+        p = victim.poisoned
+        assert isinstance(p, PoisonedSet) and p.x.dtype == torch.uint8 and p.x.shape == tiny.x.shape
+        assert int(p.is_poison.sum()) == round(0.25 * int((tiny.y != 2).sum()))
+        assert torch.equal(p.y_source, tiny.y)
+    assert isinstance(victim.history, dict) and isinstance(victim.details, dict)
 
 def test_square_patch_lands_in_the_corner():
     a = ATTACKS.create("badnets", size=2, value=1.0)

@@ -208,7 +208,7 @@ def _mnist5k_models():
     sp = make_splits(raw.train, None, seed=0, holdout_fraction=0.1)
     torch.manual_seed(0)  # the initial weights: independent of the tests that ran before
     ref = build_model(ModelSpec("cnn", 10, (1, 28, 28), {"width": 16, "hidden": 64}))
-    train(ref, sp.train, TrainConfig(epochs=3, warmup=0), seed=0)  # as measured in NOTES-issue6 (before the warm-up default)
+    train(ref, sp.train, TrainConfig(epochs=3, warmup=0), seed=0)  # as measured in docs/bias-maps.md (before the warm-up default)
     attack = ATTACKS.create("badnets", size=4, position="top-right", margin=1)
     poisoned = poison(sp.train, attack, rate=0.6, target=9, source=8, mode="source-specific",
                       generator=torch.Generator().manual_seed(1))

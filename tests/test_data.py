@@ -48,7 +48,7 @@ def test_npz_source(tmp_path):
     with pytest.raises(BackdoorLabError, match="file not found"):
         load_source("npz", path=str(tmp_path / "nope.npz"))
     (tmp_path / "bad.npz").write_bytes(b"garbage")
-    with pytest.raises(BackdoorLabError, match="not a readable"):
+    with pytest.raises(BackdoorLabError, match="is a text file, not an .npz file"):
         load_source("npz", path=str(tmp_path / "bad.npz"))
 
 

@@ -203,7 +203,7 @@ def test_relabel_uses_the_flagged_pairs_sources():
     model = QuadrantNet(True)
     labels = {}
     for rule, details in (("prediction", quiet), ("auto", quiet), ("source", column), ("auto-column", column)):
-        insp = InspectionResult(True, [(0, 2)], [2], torch.zeros(K, K), torch.zeros(K, K), patterns, details)
+        insp = InspectionResult(True, [(0, 2)], [2], torch.zeros(K, K), torch.zeros(K, K), patterns, details=details)
         res = PatternSubtraction(technique=1, relabel=rule.split("-")[0]).cleanse(model, data, inspection=insp)
         assert sorted(torch.nonzero(res.flagged).flatten().tolist()) == sorted(planted.tolist())
         labels[rule] = res.corrected_labels
@@ -223,7 +223,7 @@ def test_cleanser_skips_a_pair_whose_pattern_hurts_every_sample():
     patterns = torch.zeros(K, K, 1, 10, 10)
     patterns[0, 2, 0, 9, 9] = 0.9
     patterns[1, 3, 0, 6:8, :] = 0.7
-    insp = InspectionResult(True, [(0, 2), (1, 3)], [2, 3], torch.zeros(K, K), torch.zeros(K, K), patterns, {})
+    insp = InspectionResult(True, [(0, 2), (1, 3)], [2, 3], torch.zeros(K, K), torch.zeros(K, K), patterns, details={})
     res = PatternSubtraction(technique=1, max_shift=0).cleanse(QuadrantNet(True), data, inspection=insp)
     assert res.details["pairs"] == [(0, 2)] and res.details["rejected_pairs"] == [(1, 3)]
     assert res.details["separation"][(0, 2)] > 0.95 > 0.9 > res.details["separation"][(1, 3)]

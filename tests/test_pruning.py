@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from backdoorlab.evaluation import make_evaluator
 from backdoorlab.defenses import DEFENSES, Repairer, RepairResult
 from backdoorlab.defenses.pruning import PruneTarget, channel_activations
 from backdoorlab.errors import BackdoorLabError
@@ -137,7 +138,7 @@ def test_fine_pruning_keeps_pruned_channels_at_zero(small, schedule):
 
 def test_fine_tuning_curve_before_after(small):
     model, data = small
-    res = DEFENSES.create("fine-tuning", epochs=1).repair(model, data, eval_clean=data)
+    res = DEFENSES.create("fine-tuning", epochs=1).repair(model, data, evaluate=make_evaluator(data, None))
     assert [r["finetuned"] for r in res.curve] == [0.0, 1.0]
     assert "clean_accuracy" in res.curve[1] and res.details["pruned_fraction"] == 0.0
 
@@ -185,7 +186,7 @@ def test_fine_pruning_removes_badnets_where_pruning_alone_fails():
     if not v.full_mnist:
         pytest.skip("needs shared/data/mnist/mnist.npz (the 400-image mnist5k held-out set is too small)")
     res = DEFENSES.create("fine-pruning", step=0.15, epochs=5, lr=0.05).repair(
-        v.model, v.holdout, eval_clean=v.test, eval_triggered=v.triggered)
+        v.model, v.holdout, evaluate=make_evaluator(v.test, v.triggered))
     d = res.details
     assert d["attack_success_rate_before"] > 0.95
     # pruning alone (the finetuned=0 rows) at the last step within 2 points of held-out accuracy
@@ -211,7 +212,7 @@ def test_neuron_fine_pruning_removes_badnets_where_channel_pruning_cannot():
     v = victim()
     if not v.full_mnist:
         pytest.skip("needs shared/data/mnist/mnist.npz (the 400-image mnist5k held-out set is too small)")
-    kw = dict(eval_clean=v.test, eval_triggered=v.triggered)
+    kw = dict(evaluate=make_evaluator(v.test, v.triggered))
     channels = DEFENSES.create("fine-pruning", schedule="once", step=0.1).repair(v.model, v.holdout, **kw).details
     neurons = DEFENSES.create("fine-pruning", schedule="once", step=0.1, layer="fc1").repair(v.model, v.holdout, **kw).details
     assert channels["attack_success_rate_before"] > 0.95

@@ -1,7 +1,8 @@
 """The grid driver: ``run_grid(grid, store, engine) -> summary``.
 
 It holds the store's bench lock, records the grid, cleans up what an interrupted run left
-behind, skips the cells already ``done``, sends the victims to the engine, and as each victim
+behind, sets back (with a warning) the ``done`` cells whose run was deleted, skips the cells
+already ``done``, sends the victims to the engine, and as each victim
 comes back stores it (run folder + cell row in one transaction), caches its weights and sends
 its defenses. Tasks never write; this driver alone does.
 """
@@ -15,10 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from backdoorlab.cellstore import CELL_RUN_PREFIX, CellStore, bench_lock
-from backdoorlab.config import dump_config
 from backdoorlab.engines import CellOutcome, Engine, VictimPayload, defense_task, group_task, victim_task
 from backdoorlab.grid import Cell, Grid, VictimGroup
-from backdoorlab.store import RunRecord, Store, atomic_write_bytes, atomic_write_json, atomic_write_text
+from backdoorlab.store import RunRecord, Store, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -45,33 +45,16 @@ class GridSummary:
 
 
 def _store_cell(cs: CellStore, cell: Cell, o: CellOutcome) -> RunRecord:
-    store = cs.store
+    from backdoorlab.records import write_run
+
     run_id = f"{CELL_RUN_PREFIX}{cell.cell_id[:12]}-{os.urandom(3).hex()}"
-    created = time.time()
-    with store.new_run(run_id) as tmp:
-        artifacts: dict[str, str] = {}
-        atomic_write_text(tmp / "config.yaml", dump_config(cell.config))
-        artifacts["config"] = "config.yaml"
-        atomic_write_json(tmp / "cell.json", {"cell_id": cell.cell_id, "grid": cell.grid, "kind": cell.kind,
-                                              "family": cell.family, **cell.labels()})
-        artifacts["cell"] = "cell.json"
-        if o.weights is not None:
-            atomic_write_bytes(tmp / "weights.safetensors", o.weights)
-            artifacts["weights"] = "weights.safetensors"
-        if o.history:
-            atomic_write_json(tmp / "history.json", o.history)
-        prefix = "" if cell.kind == "victim" else f"{cell.defense}_"
-        for name, png in o.figures.items():
-            rel = f"figures/{prefix}{name}.png"
-            atomic_write_bytes(tmp / rel, png)
-            artifacts[f"figure:{prefix}{name}"] = rel
-        atomic_write_json(tmp / "metrics.json", {**o.metrics, "seconds": o.seconds})
-        artifacts["metrics"] = "metrics.json"
-        rec = RunRecord(run_id=run_id, name=cell.config.name if cell.kind == "victim" else f"{cell.config.name}/{cell.defense}",
-                        kind="cell", created=created, status="done", seconds=o.seconds,
-                        config=cell.config.model_dump(mode="json"), metrics=dict(o.metrics), artifacts=artifacts,
-                        victim_key=cell.victim_key)
-        return cs.commit_cell(cell, rec, tmp)
+    prefix = "" if cell.kind == "victim" else f"{cell.defense}_"
+    return write_run(cs.store, run_id, kind="cell", config=cell.config, metrics=o.metrics, seconds=o.seconds,
+                     name=cell.config.name if cell.kind == "victim" else f"{cell.config.name}/{cell.defense}",
+                     figures={f"{prefix}{k}": v for k, v in o.figures.items()}, weights=o.weights, history=o.history,
+                     extra_json={"cell": {"cell_id": cell.cell_id, "grid": cell.grid, "kind": cell.kind,
+                                          "family": cell.family, **cell.labels()}},
+                     commit=lambda rec, tmp: cs.commit_cell(cell, rec, tmp))
 
 
 def _defense(cell: Cell) -> Any:
@@ -83,19 +66,16 @@ def _defense(cell: Cell) -> Any:
 
 def chain_defenses(cells: list[Cell]) -> list[list[Cell]]:
     """Tasks for a victim's pending defense cells: one per cell, except that a cleanser whose own
-    inspection would equal a pending pairwise inspector's runs after it, in the same task, reusing
-    that inspection (pattern subtraction re-runs the whole pairwise scan otherwise). Only exact
+    inspector (:meth:`Cleanser.inspector`) equals a pending inspector cell runs after it, in the same
+    task, reusing that inspection (pattern subtraction re-runs the whole pairwise scan otherwise). Only exact
     equality of the inspector's parameters chains, so no result depends on the chaining."""
-    from backdoorlab.defenses.pairwise import PairwiseTriggerInspector
-
     tasks: list[list[Cell]] = [[c] for c in cells]
-    inspectors = [t for t in tasks if isinstance(_defense(t[0]), PairwiseTriggerInspector)]
+    inspectors = [t for t in tasks if t[0].family == "inspector"]
     for t in list(tasks):
         c = t[0]
-        d = _defense(c)
-        if c.family != "cleanser" or not hasattr(d, "images_per_class"):
+        own = _defense(c).inspector() if c.family == "cleanser" else None
+        if own is None:
             continue
-        own = PairwiseTriggerInspector(images_per_class=d.images_per_class, seed=getattr(d, "seed", 0))
         for chain in inspectors:
             if _defense(chain[0]) == own:
                 chain.append(c)
@@ -115,6 +95,10 @@ def run_grid(grid: Grid, store: Store, engine: Engine, progress: Progress | None
         if removed:
             log.info("removed %d half-written cell folder(s) of an interrupted run", len(removed))
         cs.save_grid(grid.name, grid.spec.model_dump(mode="json"))
+        # A done cell whose run was deleted is redone, explicitly: it is set back to failed and logged.
+        for row, why in cs.forget_missing_runs(grid.name):
+            log.warning("cell %s (%s/%s/%s/%s, seed %s) was done but %s; redoing it", row.cell_id, row.data,
+                        row.model, row.attack, row.defense, row.seed, why)
         done = cs.done_ids(grid.name)
         cells = grid.cells
         summary = GridSummary(grid.name, engine.name, engine.workers, len(cells))

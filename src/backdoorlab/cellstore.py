@@ -5,6 +5,13 @@ deterministic ``cell_id``. Its life: ``running`` when dispatched, then ``done`` 
 run, written in the same transaction as the run itself) or ``failed`` (with the error). Resuming
 skips ``done`` cells and redoes everything else; the primary key makes duplicates impossible.
 
+A done cell whose run is gone (its record or its folder under ``runs/`` was deleted) is an
+error wherever the cell's results are read (:meth:`CellStore.records`: report, ``bench``
+output); ``bench`` itself first sets such cells back to ``failed``, with a warning, and redoes
+them (:meth:`CellStore.forget_missing_runs`).
+
+All database access goes through :class:`~backdoorlab.store.Store`'s public API.
+
 Only one ``bench`` writes a store at a time: :func:`bench_lock` holds an exclusive ``flock`` on
 ``<store>/bench.lock`` (released by the kernel when the process dies, even on SIGKILL). Plain
 ``backdoorlab run`` commands still share the database through SQLite's busy timeout.
@@ -81,7 +88,7 @@ def bench_lock(store: Store, wait: float = 0.0) -> Iterator[None]:
 
 
 class CellStore:
-    """Grid and cell bookkeeping on top of a :class:`Store`."""
+    """Grid and cell bookkeeping on top of a :class:`Store` (through its public API only)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -89,30 +96,16 @@ class CellStore:
     # ------------------------------------------------------------------ grids
     def save_grid(self, name: str, spec: dict[str, Any]) -> None:
         now = time.time()
-        con = self.store._connect()
-        try:
-            con.execute("BEGIN IMMEDIATE")
-            con.execute("INSERT INTO grids (name, spec_json, created, updated) VALUES (?,?,?,?) "
-                        "ON CONFLICT(name) DO UPDATE SET spec_json=excluded.spec_json, updated=excluded.updated",
-                        (name, json.dumps(spec, sort_keys=True), now, now))
-            con.execute("COMMIT")
-        finally:
-            con.close()
+        self.store.execute("INSERT INTO grids (name, spec_json, created, updated) VALUES (?,?,?,?) "
+                           "ON CONFLICT(name) DO UPDATE SET spec_json=excluded.spec_json, updated=excluded.updated",
+                           (name, json.dumps(spec, sort_keys=True), now, now))
 
     def grid_names(self) -> list[str]:
-        con = self.store._connect()
-        try:
-            return [r[0] for r in con.execute("SELECT name FROM grids ORDER BY updated DESC").fetchall()]
-        finally:
-            con.close()
+        return [r[0] for r in self.store.query("SELECT name FROM grids ORDER BY updated DESC")]
 
     def grid_spec(self, name: str) -> dict[str, Any] | None:
-        con = self.store._connect()
-        try:
-            row = con.execute("SELECT spec_json FROM grids WHERE name=?", (name,)).fetchone()
-            return json.loads(row[0]) if row else None
-        finally:
-            con.close()
+        row = self.store.query_one("SELECT spec_json FROM grids WHERE name=?", (name,))
+        return json.loads(row[0]) if row else None
 
     # ------------------------------------------------------------------ cells
     def cells(self, grid: str | None = None, status: str | None = None) -> list[CellRow]:
@@ -123,41 +116,35 @@ class CellStore:
         if status is not None:
             q += " AND status=?"
             args.append(status)
-        con = self.store._connect()
-        try:
-            return [CellRow(*r) for r in con.execute(q + " ORDER BY data, model, attack, seed, defense", args).fetchall()]
-        finally:
-            con.close()
+        return [CellRow(*r) for r in self.store.query(q + " ORDER BY data, model, attack, seed, defense", args)]
 
     def done_ids(self, grid: str) -> set[str]:
         return {c.cell_id for c in self.cells(grid, "done")}
 
     def mark(self, cell: Any, status: str, error: str | None = None) -> None:
         """Set a (not finished) cell's status: ``running`` or ``failed``. A done cell is never touched."""
-        con = self.store._connect()
-        try:
-            con.execute("BEGIN IMMEDIATE")
+        with self.store.transaction() as con:
             self._upsert(con, cell, status, None, error)
-            con.execute("COMMIT")
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
-        finally:
-            con.close()
 
     @staticmethod
-    def _upsert(con: sqlite3.Connection, cell: Any, status: str, run_id: str | None, error: str | None) -> None:
-        con.execute(
+    def _upsert(con: sqlite3.Connection, cell: Any, status: str, run_id: str | None, error: str | None) -> int:
+        """Insert or update the cell's row unless it is done already; returns the rows changed (0 or 1)."""
+        return con.execute(
             f"INSERT INTO cells ({_CELL_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
             "ON CONFLICT(cell_id) DO UPDATE SET status=excluded.status, run_id=excluded.run_id, "
             "error=excluded.error, updated=excluded.updated WHERE cells.status != 'done'",
             (cell.cell_id, cell.grid, cell.kind, status, run_id, cell.victim_key, cell.data, cell.model, cell.attack,
-             cell.defense, cell.family, cell.seed, error, time.time()))
+             cell.defense, cell.family, cell.seed, error, time.time())).rowcount
 
     def commit_cell(self, cell: Any, record: RunRecord, tmp_dir: Path) -> RunRecord:
-        """Store the cell's run and mark the cell done, in one transaction."""
-        return self.store.commit(record, tmp_dir, also=lambda con: self._upsert(con, cell, "done", record.run_id, None))
+        """Store the cell's run (folder and records) and mark the cell done, in one transaction:
+        all of it or none of it. A cell that is done already is refused (nothing is stored)."""
+        with self.store.transaction() as con:
+            rec = self.store.commit(record, tmp_dir)
+            if self._upsert(con, cell, "done", rec.run_id, None) != 1:
+                raise BackdoorLabError(f"cell {cell.cell_id} of grid {cell.grid!r} is done already; "
+                                       f"its new run {rec.run_id} was not stored")
+        return rec
 
     def cleanup(self) -> list[str]:
         """Remove what an interrupted bench left behind: temporary cell folders, and cell run folders
@@ -165,11 +152,7 @@ class CellStore:
         runs_dir = self.store.runs_dir
         if not runs_dir.is_dir():
             return []
-        con = self.store._connect()
-        try:
-            known = {r[0] for r in con.execute("SELECT run_id FROM runs WHERE run_id LIKE ?", (CELL_RUN_PREFIX + "%",))}
-        finally:
-            con.close()
+        known = {r[0] for r in self.store.query("SELECT run_id FROM runs WHERE run_id LIKE ?", (CELL_RUN_PREFIX + "%",))}
         removed = []
         for p in runs_dir.iterdir():
             if p.name.startswith(".tmp-" + CELL_RUN_PREFIX) or (p.name.startswith(CELL_RUN_PREFIX) and p.name not in known):
@@ -177,13 +160,54 @@ class CellStore:
                 removed.append(p.name)
         return removed
 
+    # ------------------------------------------------------------------ the runs of done cells
+    def _run_of(self, row: CellRow) -> tuple[RunRecord | None, str]:
+        """A done cell's run, or ``(None, why it is missing)``."""
+        if not row.run_id:
+            return None, "its run record was deleted from the index (run id no longer known)"
+        rec = self.store.find(row.run_id)
+        if rec is None:
+            return None, f"run {row.run_id} has no record in {self.store.db_path}"
+        folder = self.store.run_folder(row.run_id)
+        if not folder.is_dir():
+            return None, f"the folder {folder} of run {row.run_id} is gone"
+        return rec, ""
+
+    def missing_runs(self, grid: str) -> list[tuple[CellRow, str]]:
+        """The done cells of ``grid`` whose run is gone, each with the reason."""
+        out = []
+        for r in self.cells(grid, "done"):
+            rec, why = self._run_of(r)
+            if rec is None:
+                out.append((r, why))
+        return out
+
+    def forget_missing_runs(self, grid: str) -> list[tuple[CellRow, str]]:
+        """Set the done cells of ``grid`` whose run is gone back to ``failed`` (the error says why),
+        so that ``bench`` redoes them. Returns those cells with the reason; the caller reports them.
+        A run record whose folder is gone is left in the index (its metrics are still there)."""
+        lost = self.missing_runs(grid)
+        if lost:
+            now = time.time()
+            with self.store.transaction() as con:
+                for r, why in lost:
+                    con.execute("UPDATE cells SET status='failed', run_id=NULL, error=?, updated=? "
+                                "WHERE cell_id=? AND status='done'",
+                                (f"was done, but {why}; redone by the next `backdoorlab bench`", now, r.cell_id))
+        return lost
+
     def records(self, rows: list[CellRow]) -> dict[str, RunRecord]:
-        """The runs of the finished cells among ``rows``: cell_id -> RunRecord."""
+        """The runs of the finished cells among ``rows``: cell_id -> RunRecord. A done cell whose run
+        is gone (record or folder) raises :class:`BackdoorLabError` naming the cell, the run and the fix."""
         out = {}
         for r in rows:
-            if r.status == "done" and r.run_id:
-                try:
-                    out[r.cell_id] = self.store.get(r.run_id)
-                except BackdoorLabError:
-                    continue
+            if r.status != "done":
+                continue
+            rec, why = self._run_of(r)
+            if rec is None:
+                raise BackdoorLabError(
+                    f"cell {r.cell_id} of grid {r.grid!r} ({r.data}/{r.model}/{r.attack}/{r.defense}, seed {r.seed}) "
+                    f"is done but its run {r.run_id or '(unknown)'} is missing: {why}. Rerun `backdoorlab bench` "
+                    f"on the grid's YAML (grid {r.grid!r}) to redo that cell; the other cells are kept")
+            out[r.cell_id] = rec
         return out

@@ -153,26 +153,24 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def read_yaml(p: Path, what: str) -> Any:
-    """The parsed YAML of ``p`` (``what`` names the file in errors: config, grid)."""
-    if not p.is_file():
-        raise BackdoorLabError(f"{what} file not found: {p}")
-    try:
-        return yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise BackdoorLabError(f"{p} is not valid YAML: {exc}") from exc
+    """The parsed YAML of ``p`` (``what`` names the file in errors: config, grid); a missing, binary
+    or unparsable file is one clear error (:func:`backdoorlab.validate.read_yaml`)."""
+    from backdoorlab.validate import read_yaml as _read
+
+    return _read(p, what)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read YAML (or the defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    """Read YAML (or the defaults when ``path`` is None), apply ``--set`` overrides, validate.
+    Relative data paths in the file are resolved against its folder; ``--set`` paths against the
+    working directory. An empty file is refused (run without a file for the defaults)."""
+    from backdoorlab.validate import read_yaml_mapping, resolve_config_paths
+
     doc: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        loaded = read_yaml(p, "config")
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise BackdoorLabError(f"{p}: the top level must be a mapping of sections (data, model, attack, train, ...)")
-        doc = loaded
+        doc = resolve_config_paths(read_yaml_mapping(p, "config", "attack: {name: badnets} (or run without a file for "
+                                                     "the default experiment)"), p.parent)
     doc = apply_overrides(doc, overrides or [])
     try:
         cfg = ExperimentConfig.model_validate(doc)

@@ -121,17 +121,12 @@ def _error_text(exc: BaseException) -> str:
 
 
 def _victim_outcome(cell_id: str, cfg, prep, model, history: dict, cached: bool, t0: float) -> CellOutcome:
-    from backdoorlab.experiment import _sample_figure, evaluate_victim
-    from backdoorlab.plots import training_curves
+    from backdoorlab.experiment import evaluate_victim
+    from backdoorlab.records import victim_figures
 
     metrics = evaluate_victim(model, prep, cfg.train.eval_batch_size)
     metrics["victim_from_cache"] = float(cached)
-    figs: dict[str, bytes] = {}
-    fig = _sample_figure(prep)
-    if fig is not None:
-        figs["samples"] = fig
-    if history.get("epochs"):
-        figs["training"] = training_curves(history["epochs"], cfg.name)
+    figs = victim_figures(prep, history, cfg.name)
     return CellOutcome(cell_id, True, metrics, figs, history, model_to_bytes(model), None,
                        time.perf_counter() - t0, os.getpid())
 
@@ -143,20 +138,13 @@ def _defense_outcome(cell_id: str, cfg, prep, model, before: dict[str, float], t
 
     d = cfg.defenses[0]
     defense = DEFENSES.build(d.name, d.extras(), where=f"defense {d.name}")
+    from backdoorlab.experiment import defense_context
+
     context = {} if context is None else context
-    if getattr(defense, "reference_seed", None) is not None and "reference" not in context:
-        from backdoorlab.experiment import train_reference
-
-        refs: dict[int, Any] = {}  # a clean reference (bias-maps), trained once per seed in this task
-
-        def reference(seed: int, cfg=cfg, prep=prep):
-            if seed not in refs:
-                refs[seed] = train_reference(cfg, prep, None, seed)
-            return refs[seed]
-
-        context["reference"] = reference
+    if "reference" not in context:  # shared (in place) by the defenses of one task
+        context.update(defense_context(cfg, prep, None))
     ca, asr = before["clean_accuracy"], before.get("attack_success_rate")
-    m, figs = run_defense(defense, model, prep, ca, asr, cfg.train.eval_batch_size, context)
+    m, figs = run_defense(defense, model, prep, ca, asr, cfg.train.eval_batch_size, context, seed=cfg.seed)
     metrics = {**m, "clean_accuracy_before": ca}
     if asr is not None:
         metrics["attack_success_rate_before"] = asr
@@ -345,6 +333,9 @@ class RayEngine(Engine):
                                    f"(or pip install ray); import failed: {exc}") from None
         self.ray = ray
         env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
+        for var in ("BACKDOORLAB_PLUGINS", "PYTHONPATH"):  # plugins register in every Ray worker too
+            if os.environ.get(var):
+                env[var] = os.environ[var]
         self._started = False
         if not ray.is_initialized():
             kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False,

@@ -11,16 +11,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from backdoorlab import metrics as M
 from backdoorlab.attacks.base import TrainingAttack
-from backdoorlab.config import ExperimentConfig, dump_config
+from backdoorlab.config import ExperimentConfig
 from backdoorlab.errors import BackdoorLabError
-from backdoorlab.store import RunRecord, Store, atomic_write_bytes, atomic_write_json, atomic_write_text, new_run_id
+from backdoorlab.evaluation import Truth
+from backdoorlab.store import RunRecord, Store, atomic_write_json, new_run_id
 from backdoorlab.types import ImageSet, PoisonedSet, Splits
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def setup_torch(cfg: ExperimentConfig) -> torch.device:
 
 
 def load_splits(cfg: ExperimentConfig) -> Splits:
-    from backdoorlab.data import load_source, make_splits
+    from backdoorlab.data import make_splits
     from backdoorlab.data.sources import DATASETS
 
     raw = DATASETS.build(cfg.data.name, cfg.data.extras(), where="data")
@@ -77,7 +77,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     attack = ATTACKS.build(a.name, a.extras(), where="attack")
     if isinstance(attack, TrainingAttack):  # it poisons while training the victim: see train_victim
         attack.check(splits.train, rate=a.rate, target=a.target, source=a.source, mode=a.mode)
-        return Prepared(splits, splits.train, None, attack, t)
+        return Prepared(splits, splits.train, None, attack, t, a)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     poisoned = poison(splits.train, attack, rate=a.rate, target=a.target, source=a.source, mode=a.mode, generator=g)
     triggered = poison_test(splits.test, attack, target=a.target, source=a.source, mode=a.mode,
@@ -159,116 +159,60 @@ def evaluate_victim(model: torch.nn.Module, prep: Prepared, batch_size: int = 10
     return out
 
 
+def truth_of(prep: Prepared, ca: float | None = None, asr: float | None = None) -> Truth:
+    """What the runner knows of a prepared experiment and its defenses never see."""
+    p = prep.train_set if isinstance(prep.train_set, PoisonedSet) else None
+    a = prep.attack_section
+    return Truth(is_poison=p.is_poison if p is not None else None, y_source=p.y_source if p is not None else None,
+                 target=a.target if a is not None else None, source=a.source if a is not None else None,
+                 mode=a.mode if a is not None else None, test=prep.splits.test, triggered=prep.triggered_test,
+                 ca_before=ca, asr_before=asr)
+
+
 def run_defense(defense, model: torch.nn.Module, prep: Prepared, ca: float, asr: float | None,
                 batch_size: int = 1024, context: dict | None = None, seed: int = 0) -> tuple[dict[str, float], dict[str, bytes]]:
-    """Run one defense by its family's verb, with what its threat model allows (the victim, the
-    clean held-out set, the training set without ground truth), then score it with the ground truth.
-    A robust trainer trains a fresh copy of the victim's architecture (initial weights from ``seed``)
-    on the poisoned training set in place of normal training; the test sets and ground truth it may
-    accept go in for its per-phase report only. Returns (metrics, figures as PNG bytes)."""
-    from backdoorlab import plots
-    from backdoorlab.train import predict
+    """Run one defense through its family's contract (:func:`backdoorlab.evaluation.apply_defense`)
+    with what its threat model allows (the victim, the clean held-out set, the training set without
+    ground truth), then score it with the truth. A robust trainer trains a fresh copy of the
+    victim's architecture (initial weights from ``seed``) in place of normal training. ``context``
+    carries a reference-model factory (``"reference"``) and the last inspection (``"inspection"``)
+    between the defenses of one victim. Returns (metrics, figures as PNG bytes)."""
+    from backdoorlab.evaluation import apply_defense, figures, make_evaluator, score
 
-    fam = defense.family
-    holdout, test, trig = prep.splits.holdout, prep.splits.test, prep.triggered_test
-    poisoned = prep.train_set if isinstance(prep.train_set, PoisonedSet) else None
-    out: dict[str, float] = {}
-    figs: dict[str, bytes] = {}
-    t0 = time.perf_counter()
-    if fam == "inspector":
-        kw = {}
-        if context is not None and "reference" in context and getattr(defense, "reference_seed", None) is not None:
-            kw["reference"] = context["reference"](defense.reference_seed)  # bias-maps: a clean reference model
-        res = defense.inspect(model, holdout, **kw)
-        if context is not None:
-            context["inspection"] = res  # a cleanser later in the list reuses it
-        out["backdoored"] = float(res.backdoored)
-        out["max_anomaly"] = res.max_anomaly
-        out["flagged_pairs"] = float(len(res.flagged_pairs))
-        a = prep.attack_section
-        if a is not None:
-            out["target_found"] = float(a.target in res.flagged_targets)
-            if a.mode == "source-specific":
-                out["pair_found"] = float((a.source, a.target) in res.flagged_pairs)
-        if res.patterns is not None and res.patterns.dim() == 5:
-            figs["patterns"] = plots.pattern_grid(res.patterns, False, highlight=res.flagged_pairs)
-            figs["pair_scores"] = plots.pair_scatter(res.scores, res.flagged_pairs)
-        if "bias_maps" in res.details:
-            from backdoorlab.plots_biasmaps import figures as bias_map_figures
-
-            out["top_class"] = float(res.details["top_class"])
-            out["with_reference"] = float(res.details.get("reference") == "model")
-            figs.update({Path(n).stem: png for n, png in bias_map_figures(res).items()})
-    elif fam == "cleanser":
-        import inspect as _inspect
-
-        kw = {}
-        if context and "inspection" in context and "inspection" in _inspect.signature(defense.cleanse).parameters:
-            kw["inspection"] = context["inspection"]
-        res = defense.cleanse(model, prep.train_set.without_ground_truth() if poisoned is not None else prep.train_set,
-                              clean=holdout, **kw)
-        if poisoned is not None:
-            truth = poisoned.is_poison
-            out.update(tpr=M.tpr(res.flagged, truth), fpr=M.fpr(res.flagged, truth),
-                       precision=M.precision(res.flagged, truth), auroc=M.auroc(res.scores, truth),
-                       label_accuracy=M.accuracy(res.corrected_labels[truth], poisoned.y_source[truth]))
-            figs["scores"] = plots.score_histogram(res.scores, res.threshold, truth)
-        out["flagged"] = float(res.flagged.sum())
-    elif fam == "detector":
-        defense.fit(model, holdout)
-        clean_res = defense.detect(test.x)
-        out["frr"] = M.frr(clean_res.flagged)
-        if trig is not None:
-            trig_res = defense.detect(trig.x)
-            out["far"] = M.far(trig_res.flagged)
-            scores = torch.cat([clean_res.scores, trig_res.scores])
-            truth = torch.cat([torch.zeros(len(test), dtype=torch.bool), torch.ones(len(trig), dtype=torch.bool)])
-            out["auroc"] = M.auroc(scores, truth)
-            figs["scores"] = plots.score_histogram(scores, clean_res.threshold, truth, xlabel="detector score")
-    elif fam == "repairer":
-        res = defense.repair(model, holdout)
-        new = res.model
-        out["clean_accuracy"] = M.clean_accuracy(predict(new, test, batch_size), test.y)
-        if trig is not None and asr is not None:
-            out["attack_success_rate"] = M.attack_success_rate(predict(new, trig, batch_size), trig.y)
-            out["der"] = M.defense_effectiveness_rating(ca, out["clean_accuracy"], asr, out["attack_success_rate"])
-    elif fam == "robust-trainer":
-        import inspect as _inspect
-
+    context = {} if context is None else context
+    truth = truth_of(prep, ca, asr)
+    target = model
+    if defense.family == "robust-trainer":
         from backdoorlab.models import ModelSpec, build_model
         from backdoorlab.train import model_device
 
         spec = model.spec
         torch.manual_seed(seed)  # the fresh model's initial weights, as for the victim
-        fresh = build_model(ModelSpec(spec.name, spec.num_classes, spec.input_shape, spec.params)).to(model_device(model))
-        # the clean held-out set is the defender's; the test sets and the ground truth only report
-        offered = {"clean": holdout, "eval_clean": test, "eval_triggered": trig,
-                   "truth": poisoned.is_poison if poisoned is not None else None}
-        accepted = _inspect.signature(defense.train).parameters
-        kw = {k: v for k, v in offered.items() if k in accepted and v is not None}
-        res = defense.train(fresh, prep.train_set.without_ground_truth() if poisoned is not None else prep.train_set, **kw)
-        new = res.model
-        for phase, m in res.details.get("phases", {}).items():  # e.g. CA / ASR after each ABL phase
-            out.update({f"{phase}.{k}": float(v) for k, v in m.items()})
-        traces = res.details.get("loss_traces")
-        if isinstance(traces, torch.Tensor) and traces.dim() == 2 and traces.shape[0] > 0:
-            from backdoorlab.plots_abl import loss_traces
+        target = build_model(ModelSpec(spec.name, spec.num_classes, spec.input_shape, spec.params)).to(model_device(model))
+    trig = prep.triggered_test
+    inspection = None
+    if defense.family == "cleanser" and context.get("inspector") is not None and context["inspector"] == defense.inspector():
+        inspection = context.get("inspection")  # the same inspector already ran on this victim
+    applied = apply_defense(
+        defense, target, clean=prep.splits.holdout, data=prep.train_set, test_inputs=prep.splits.test.x,
+        triggered_inputs=trig.x if trig is not None else None, reference=context.get("reference"),
+        inspection=inspection, evaluate=make_evaluator(prep.splits.test, trig, batch_size))
+    if defense.family == "inspector":
+        context["inspector"], context["inspection"] = defense, applied.result  # a cleanser later may build on it
+    return score(applied, truth, batch_size), figures(applied, truth)
 
-            known = poisoned is not None
-            groups = poisoned.is_poison if known else torch.isin(torch.arange(traces.shape[1]), res.isolated_indices)
-            figs["loss_traces"] = loss_traces(traces, groups, gamma=getattr(defense, "gamma", None),
-                                              labels=("clean samples", "poisoned samples") if known else
-                                              ("kept samples", "isolated samples"), title=defense.describe())
-        out["clean_accuracy"] = M.clean_accuracy(predict(new, test, batch_size), test.y)
-        if trig is not None and asr is not None:
-            out["attack_success_rate"] = M.attack_success_rate(predict(new, trig, batch_size), trig.y)
-            out["der"] = M.defense_effectiveness_rating(ca, out["clean_accuracy"], asr, out["attack_success_rate"])
-        if poisoned is not None and res.isolated_indices.numel():
-            out["isolation_precision"] = float(poisoned.is_poison[res.isolated_indices].float().mean())
-    else:
-        raise BackdoorLabError(f"defense {defense.describe()} has an unknown family {fam!r}")
-    out["seconds"] = time.perf_counter() - t0
-    return out, figs
+
+def defense_context(cfg: ExperimentConfig, prep: Prepared, store: Store | None) -> dict:
+    """The context the defenses of one victim share: a factory of clean reference models (trained
+    once per seed, only when a defense asks for one) and, once an inspector ran, its result."""
+    refs: dict[int, torch.nn.Module] = {}
+
+    def reference(seed: int) -> torch.nn.Module:
+        if seed not in refs:
+            refs[seed] = train_reference(cfg, prep, store, seed)
+        return refs[seed]
+
+    return {"reference": reference}
 
 
 def train_reference(cfg: ExperimentConfig, prep: Prepared, store: Store | None, seed: int) -> torch.nn.Module:
@@ -297,9 +241,6 @@ def _sample_figure(prep: Prepared) -> bytes | None:
 
 def run(cfg: ExperimentConfig, store: Store, *, callbacks: tuple[Callback, ...] = ()) -> RunRecord:
     """Run one experiment end to end and store it (atomically). Returns the stored record."""
-    from backdoorlab.models import save_model
-    from backdoorlab.plots import training_curves
-
     t_start = time.perf_counter()
     created = time.time()
     setup_torch(cfg)
@@ -314,37 +255,17 @@ def run(cfg: ExperimentConfig, store: Store, *, callbacks: tuple[Callback, ...] 
     from backdoorlab.defenses import DEFENSES
 
     defense_figs: dict[str, bytes] = {}
-    context: dict = {"reference": lambda seed: train_reference(cfg, prep, store, seed)}
+    context = defense_context(cfg, prep, store)
     for i, d in enumerate(cfg.defenses):
         defense = DEFENSES.build(d.name, d.extras(), where=f"defenses.{i}")
         m, figs = run_defense(defense, model, prep, results["clean_accuracy"], results.get("attack_success_rate"),
                               cfg.train.eval_batch_size, context, seed=cfg.seed)
         results.update({f"defense.{d.name}.{k}": v for k, v in m.items()})
-        defense_figs.update({f"figures/{d.name}_{k}.png": v for k, v in figs.items()})
-    run_id = new_run_id(cfg.name)
-    with store.new_run(run_id) as tmp:
-        artifacts: dict[str, str] = {}
-        atomic_write_text(tmp / "config.yaml", dump_config(cfg))
-        artifacts["config"] = "config.yaml"
-        save_model(model, tmp / "weights.safetensors")
-        atomic_write_text(tmp / "model.json", model.spec.to_json() + "\n")
-        artifacts["weights"] = "weights.safetensors"
-        atomic_write_json(tmp / "history.json", history)
-        fig = _sample_figure(prep)
-        if fig is not None:
-            atomic_write_bytes(tmp / "figures" / "samples.png", fig)
-            artifacts["figure:samples"] = "figures/samples.png"
-        for rel, png in defense_figs.items():
-            atomic_write_bytes(tmp / rel, png)
-            artifacts[f"figure:{Path(rel).stem}"] = rel
-        if history.get("epochs"):
-            atomic_write_bytes(tmp / "figures" / "training.png", training_curves(history["epochs"], cfg.name))
-            artifacts["figure:training"] = "figures/training.png"
-        seconds = time.perf_counter() - t_start
-        metrics = {**results, **{f"seconds_{k}": v for k, v in timings.items()}, "victim_from_cache": float(cached)}
-        atomic_write_json(tmp / "metrics.json", {**metrics, "seconds": seconds})
-        artifacts["metrics"] = "metrics.json"
-        record = RunRecord(run_id=run_id, name=cfg.name, kind="experiment", created=created, status="done",
-                           seconds=seconds, config=cfg.model_dump(mode="json"), metrics=metrics,
-                           artifacts=artifacts, victim_key=cfg.victim_key())
-        return store.commit(record, tmp)
+        defense_figs.update({f"{d.name}_{k}": v for k, v in figs.items()})
+    from backdoorlab.records import victim_figures, write_run
+
+    seconds = time.perf_counter() - t_start
+    metrics = {**results, **{f"seconds_{k}": v for k, v in timings.items()}, "victim_from_cache": float(cached)}
+    return write_run(store, new_run_id(cfg.name), name=cfg.name, kind="experiment", config=cfg, metrics=metrics,
+                     seconds=seconds, figures={**victim_figures(prep, history, cfg.name), **defense_figs},
+                     weights=model, history=history or {"epochs": []}, created=created)

@@ -118,14 +118,11 @@ class Grid:
 # ----------------------------------------------------------------------------- loading
 def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
     """Read, validate and expand a grid YAML. Every problem is reported at once, before anything runs."""
-    from backdoorlab.config import read_yaml
+    from backdoorlab.validate import read_yaml_mapping, resolve_grid_paths
 
     p = Path(path)
-    doc = read_yaml(p, "grid")
-    if doc is None or doc == {}:
-        raise BackdoorLabError(f"{p} is an empty grid: give at least name and attacks (see configs/grids/)")
-    if not isinstance(doc, dict):
-        raise BackdoorLabError(f"{p}: the top level of a grid must be a mapping (name, datasets, models, attacks, ...)")
+    doc = resolve_grid_paths(read_yaml_mapping(p, "grid", "{name: my-grid, attacks: [{name: badnets}]} "
+                                               "(see configs/grids/)"), p.parent)
     if overrides:
         from backdoorlab.config import apply_overrides
 

@@ -189,17 +189,29 @@ class Table:
     note: str = ""
 
 
+def _method_keys(rows: list[Row]) -> list[str]:
+    """The defenses' own report columns (their :attr:`Defense.report_keys`) that some row holds, in order."""
+    from backdoorlab.defenses import DEFENSES
+
+    keys: list[str] = []
+    for name in sorted({r.defense for r in rows}):
+        factory = DEFENSES.get(name).factory if name in DEFENSES else None
+        keys += [k for k in getattr(factory, "report_keys", ()) if k not in keys and any(k in r.metrics for r in rows)]
+    return keys
+
+
 def tables(rows: list[Row], used: dict[str, Published]) -> list[Table]:
     agg = aggregate(rows)
     victims = {(r.data, r.model, r.attack): r for r in agg if r.defense == "none"}
     out: list[Table] = []
     # 1. CA / ASR before / after
     t_rows = []
+    own = _method_keys([r for r in agg if r.family in REPAIR_FAMILIES])
     for key, v in sorted(victims.items()):
         t_rows.append([*key, "none (victim)", str(v.n), _fmt(v.metrics.get("clean_accuracy"), v.spread.get("clean_accuracy")),
                        _fmt(v.metrics.get("attack_success_rate"), v.spread.get("attack_success_rate")), "", "", "",
                        _pub(v.config, "paper", ("clean_accuracy", "attack_success_rate"), used),
-                       _pub(v.config, "backdoorbench", ("clean_accuracy", "attack_success_rate"), used)])
+                       _pub(v.config, "backdoorbench", ("clean_accuracy", "attack_success_rate"), used), *([""] * len(own))])
         for r in sorted((r for r in agg if (r.data, r.model, r.attack) == key and r.family in REPAIR_FAMILIES),
                         key=lambda r: r.defense):
             m = r.metrics
@@ -211,10 +223,11 @@ def tables(rows: list[Row], used: dict[str, Published]) -> list[Table]:
             t_rows.append([*key, r.defense, str(r.n), _fmt(ca_b), _fmt(asr_b), _fmt(ca_a, r.spread.get("clean_accuracy")),
                            _fmt(asr_a, r.spread.get("attack_success_rate")), _fmt(der, r.spread.get("der")),
                            _pub(r.config, "paper", ("clean_accuracy", "attack_success_rate"), used),
-                           _pub(r.config, "backdoorbench", ("clean_accuracy", "attack_success_rate"), used)])
+                           _pub(r.config, "backdoorbench", ("clean_accuracy", "attack_success_rate"), used),
+                           *(_fmt(m.get(k), r.spread.get(k)) for k in own)])
     out.append(Table("ca-asr", "Clean accuracy (CA) and attack success rate (ASR), before and after the defense",
                      ["data", "model", "attack", "defense", "seeds", "CA before", "ASR before", "CA after", "ASR after",
-                      "DER", "paper CA / ASR", "BackdoorBench CA / ASR"], t_rows,
+                      "DER", "paper CA / ASR", "BackdoorBench CA / ASR", *own], t_rows,
                      "DER = ((max(0, ASR before - ASR after) - max(0, CA before - CA after)) + 1) / 2 (BackdoorBench); "
                      "1 = backdoor removed at no cost, 0.5 = no change. † = published for another setting (see sources)."))
     # 2. DER matrix
@@ -231,17 +244,21 @@ def tables(rows: list[Row], used: dict[str, Published]) -> list[Table]:
     det = [r for r in agg if r.family in DATA_DETECTORS]
     if det:
         keys = [k for k in DATA_DETECTOR_KEYS if any(k in r.metrics for r in det)]
+        own = [k for k in _method_keys(det) if k not in keys]
         out.append(Table("detectors-data", "Model and data-set detectors (inspectors, cleansers), scored with the ground truth",
-                         ["data", "model", "attack", "defense", "seeds", *keys, "paper"],
+                         ["data", "model", "attack", "defense", "seeds", *keys, "paper", *own],
                          [[r.data, r.model, r.attack, r.defense, str(r.n), *(_fmt(r.metrics.get(k), r.spread.get(k)) for k in keys),
-                           _pub(r.config, "paper", ("tpr", "fpr", "pair_found"), used)] for r in sorted(det, key=lambda r: (r.data, r.model, r.attack, r.defense))],
+                           _pub(r.config, "paper", ("tpr", "fpr", "pair_found"), used),
+                           *(_fmt(r.metrics.get(k), r.spread.get(k)) for k in own)] for r in sorted(det, key=lambda r: (r.data, r.model, r.attack, r.defense))],
                          "TPR / FPR / precision: flagged poisoned training samples; backdoored, target_found, pair_found: 1 = yes."))
     inp = [r for r in agg if r.family in INPUT_DETECTORS]
     if inp:
+        own = [k for k in _method_keys(inp) if k not in INPUT_DETECTOR_KEYS]
         out.append(Table("detectors-input", "Input detectors (run time): FRR on clean test inputs, FAR on triggered ones",
-                         ["data", "model", "attack", "defense", "seeds", "FRR", "FAR", "AUROC", "paper FRR / FAR"],
+                         ["data", "model", "attack", "defense", "seeds", "FRR", "FAR", "AUROC", "paper FRR / FAR", *own],
                          [[r.data, r.model, r.attack, r.defense, str(r.n), *(_fmt(r.metrics.get(k), r.spread.get(k)) for k in INPUT_DETECTOR_KEYS),
-                           _pub(r.config, "paper", ("frr", "far"), used)] for r in sorted(inp, key=lambda r: (r.data, r.model, r.attack, r.defense))]))
+                           _pub(r.config, "paper", ("frr", "far"), used), *(_fmt(r.metrics.get(k), r.spread.get(k)) for k in own)]
+                          for r in sorted(inp, key=lambda r: (r.data, r.model, r.attack, r.defense))]))
     bad = [r for r in rows if r.status != "done"]
     if bad:
         out.append(Table("unfinished", "Cells not finished (rerun `backdoorlab bench` to resume)",

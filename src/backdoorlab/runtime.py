@@ -6,13 +6,13 @@ allocation of the same size then faults in and zeroes new pages. A CPU forward/b
 allocates and frees tens of activation tensors of 1-15 MB per batch, so a process spends a
 noticeable share of its time in page faults until the dynamic threshold has caught up, which it
 does only partly. Fixing the thresholds (mmap above 64 MiB, trim above 256 MiB) keeps those
-buffers in the heap for reuse. Measured on the 2-core CPU with ``benchmarks/bench_malloc.py``
-(seed 000's full-MNIST victim, alternating fresh processes, 3 rounds): the pairwise scan of
-90 pairs x 100 images 11.4 s vs 13.5 s (medians, 1.18x); a training epoch unchanged (6.3 vs 6.1 s).
-Peak RSS of one scan: 864 vs 749 MB. PyTorch's CPU tuning guide gives the same advice (or jemalloc /
-tcmalloc via LD_PRELOAD). It is a process-wide setting, so the library never applies it on
-import: the ``backdoorlab`` command, the Ray workers and the benchmarks call this; a Python user
-may call it too. A no-op off glibc, or with ``BACKDOORLAB_TUNE_MALLOC=0``.
+buffers in the heap for reuse (``benchmarks/bench_malloc.py`` measures it). PyTorch's CPU tuning
+guide gives the same advice (or jemalloc / tcmalloc via LD_PRELOAD). It is a process-wide setting,
+so the library never applies it on import: the ``backdoorlab`` command, the Ray workers and the
+benchmarks call this; a Python user may call it too. A no-op off glibc, or with
+``BACKDOORLAB_TUNE_MALLOC=0``.
+
+Measurements: docs/pairwise-audit.md.
 """
 
 from __future__ import annotations

@@ -8,7 +8,14 @@ Layout under ``root`` (default ``./backdoorlab-runs`` or ``$BACKDOORLAB_HOME``):
 
 Nothing half-written is ever visible: a run is assembled in ``runs/.tmp-<id>`` and renamed into
 place, then indexed in one transaction; if either step fails, both are undone. Files are written
-through a temporary file and ``os.replace``.
+through a temporary file and ``os.replace`` (:func:`atomic_write_bytes` and friends), whole
+folders through a temporary sibling folder (:func:`atomic_write_dir`): these helpers, in
+:mod:`backdoorlab.atomic` and re-exported here, are the one way backdoorlab writes results.
+
+The database is reached only through :class:`Store`'s public methods: :meth:`Store.transaction`
+(re-entrant ``BEGIN IMMEDIATE`` ... ``COMMIT``/``ROLLBACK``), :meth:`Store.execute`,
+:meth:`Store.query` / :meth:`Store.query_one`, :meth:`Store.commit` (a run folder and its
+records), :meth:`Store.get` / :meth:`Store.find` / :meth:`Store.runs`.
 """
 
 from __future__ import annotations
@@ -17,13 +24,16 @@ import json
 import os
 import shutil
 import sqlite3
-import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
+from backdoorlab.atomic import (  # noqa: F401  (re-exported: the one way backdoorlab writes results)
+    _json_default, atomic_write_bytes, atomic_write_dir, atomic_write_json, atomic_write_text,
+)
 from backdoorlab.errors import BackdoorLabError
 
 SCHEMA_VERSION = 2
@@ -116,49 +126,41 @@ def default_home() -> Path:
     return Path(os.environ.get(HOME_ENV, "backdoorlab-runs"))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def new_run_id(name: str = "") -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{os.urandom(3).hex()}"
 
 
+class _Tx:
+    """The open transaction of one thread: its connection, savepoint depth and rollback actions."""
+
+    def __init__(self, con: sqlite3.Connection) -> None:
+        self.con = con
+        self.depth = 0
+        self.undo: list[Callable[[], None]] = []
+
+    def run_undo(self, start: int = 0) -> None:
+        actions, self.undo[start:] = self.undo[start:], []
+        for fn in reversed(actions):
+            try:
+                fn()
+            except Exception:  # an undo step must not hide the error that caused the rollback
+                pass
+
+
 class Store:
-    """The SQLite index plus run folders under ``root``."""
+    """The SQLite index plus run folders under ``root``.
+
+    A ``Store`` opens a short-lived connection per operation (safe across processes; SQLite's busy
+    timeout serialises writers). Transactions are per thread: see :meth:`transaction`.
+    """
 
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root) if root is not None else default_home()
         self.db_path = self.root / "backdoorlab.db"
         self.runs_dir = self.root / "runs"
         self.cache_dir = self.root / "cache"
+        self._local = threading.local()
         self._init_db()
 
     # ------------------------------------------------------------------ database
@@ -193,6 +195,94 @@ class Store:
         finally:
             con.close()
 
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: ``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` if the block
+        raises (the exception propagates). Yields the ``sqlite3.Connection`` (autocommit mode; do not
+        call ``commit``/``rollback`` on it, and do not keep it past the block).
+
+        Re-entrant within a thread: a ``transaction()`` opened inside another one (including the
+        ones :meth:`commit` and :meth:`execute` open) joins it as a ``SAVEPOINT``. An inner block
+        that raises undoes only its own statements; nothing is durable until the outermost block
+        commits. Run folders that :meth:`commit` moved into place are removed again by any rollback
+        that undoes their records, so a run is stored with both its folder and its rows, or not at all.
+        """
+        tx: _Tx | None = getattr(self._local, "tx", None)
+        if tx is None:
+            con = self._connect()
+            try:
+                con.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                con.close()
+                raise
+            tx = self._local.tx = _Tx(con)
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                try:
+                    if con.in_transaction:
+                        con.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                tx.run_undo()
+                raise
+            finally:
+                self._local.tx = None
+                con.close()
+        else:
+            con, mark = tx.con, len(tx.undo)
+            name = f"backdoorlab_sp{tx.depth}"
+            tx.depth += 1
+            try:
+                con.execute(f"SAVEPOINT {name}")
+                try:
+                    yield con
+                    con.execute(f"RELEASE {name}")
+                except BaseException:
+                    try:
+                        con.execute(f"ROLLBACK TO {name}")
+                        con.execute(f"RELEASE {name}")
+                    except sqlite3.Error:
+                        pass
+                    tx.run_undo(mark)
+                    raise
+            finally:
+                tx.depth -= 1
+
+    def _on_rollback(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` if the current transaction (level) is rolled back."""
+        self._local.tx.undo.append(fn)
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """The current transaction's connection (so reads see its own writes), else a fresh one."""
+        tx: _Tx | None = getattr(self._local, "tx", None)
+        if tx is not None:
+            yield tx.con
+            return
+        con = self._connect()
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one writing statement in its own transaction (or as part of the current one, see
+        :meth:`transaction`); returns the number of rows it changed."""
+        with self.transaction() as con:
+            return con.execute(sql, params).rowcount
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """All rows of a reading statement (inside a :meth:`transaction` block, it sees the block's writes)."""
+        with self._reading() as con:
+            return con.execute(sql, params).fetchall()
+
+    def query_one(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
+        """The first row of a reading statement, or ``None``."""
+        with self._reading() as con:
+            return con.execute(sql, params).fetchone()
+
     # ------------------------------------------------------------------ runs
     @contextmanager
     def new_run(self, run_id: str) -> Iterator[Path]:
@@ -206,36 +296,36 @@ class Store:
             raise
 
     def commit(self, record: RunRecord, tmp_dir: Path, also: Callable[[sqlite3.Connection], None] | None = None) -> RunRecord:
-        """Move ``tmp_dir`` into place and index the run in one transaction (both or neither).
-        ``also(con)``, when given, runs inside that transaction (e.g. to mark a grid cell done)."""
+        """Index the run and move ``tmp_dir`` (from :meth:`new_run`) to ``runs/<run_id>``, in one
+        transaction: both or neither. If anything fails, ``tmp_dir`` is removed too.
+
+        Called inside a :meth:`transaction` block, it joins that transaction: the run and the
+        block's other statements commit together, and if the block raises afterwards the run's rows
+        are rolled back *and* its folder removed. ``also(con)``, when given, runs inside the same
+        transaction (shorthand for wrapping the call in ``with store.transaction() as con:``)."""
         final = self.runs_dir / record.run_id
-        if final.exists():
-            raise BackdoorLabError(f"run {record.run_id} exists already")
-        os.replace(tmp_dir, final)
         rec = RunRecord(**{**record.__dict__, "run_dir": str(final)})
-        con = self._connect()
         try:
-            con.execute("BEGIN IMMEDIATE")
-            con.execute(
-                "INSERT INTO runs (run_id, name, kind, created, status, seconds, config_json, victim_key, run_dir)"
-                " VALUES (?,?,?,?,?,?,?,?,?)",
-                (rec.run_id, rec.name, rec.kind, rec.created, rec.status, rec.seconds,
-                 json.dumps(rec.config, sort_keys=True, default=_json_default), rec.victim_key, rec.run_dir),
-            )
-            con.executemany("INSERT INTO metrics (run_id, key, value) VALUES (?,?,?)",
-                            [(rec.run_id, k, float(v)) for k, v in rec.metrics.items()])
-            con.executemany("INSERT INTO artifacts (run_id, kind, path) VALUES (?,?,?)",
-                            [(rec.run_id, k, v) for k, v in rec.artifacts.items()])
-            if also is not None:
-                also(con)
-            con.execute("COMMIT")
+            with self.transaction() as con:
+                if final.exists():
+                    raise BackdoorLabError(f"run {record.run_id} exists already")
+                con.execute(
+                    "INSERT INTO runs (run_id, name, kind, created, status, seconds, config_json, victim_key, run_dir)"
+                    " VALUES (?,?,?,?,?,?,?,?,?)",
+                    (rec.run_id, rec.name, rec.kind, rec.created, rec.status, rec.seconds,
+                     json.dumps(rec.config, sort_keys=True, default=_json_default), rec.victim_key, rec.run_dir),
+                )
+                con.executemany("INSERT INTO metrics (run_id, key, value) VALUES (?,?,?)",
+                                [(rec.run_id, k, float(v)) for k, v in rec.metrics.items()])
+                con.executemany("INSERT INTO artifacts (run_id, kind, path) VALUES (?,?,?)",
+                                [(rec.run_id, k, v) for k, v in rec.artifacts.items()])
+                if also is not None:
+                    also(con)
+                os.replace(tmp_dir, final)
+                self._on_rollback(lambda: shutil.rmtree(final, ignore_errors=True))
         except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            shutil.rmtree(final, ignore_errors=True)
+            shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
-        finally:
-            con.close()
         return rec
 
     def _record(self, con: sqlite3.Connection, row: tuple) -> RunRecord:
@@ -248,18 +338,24 @@ class Store:
     _COLS = "run_id, name, kind, created, status, seconds, config_json, victim_key, run_dir"
 
     def runs(self, limit: int | None = None) -> list[RunRecord]:
-        con = self._connect()
-        try:
+        with self._reading() as con:
             q = f"SELECT {self._COLS} FROM runs ORDER BY created DESC"
             rows = con.execute(q + (f" LIMIT {int(limit)}" if limit else "")).fetchall()
             return [self._record(con, r) for r in rows]
-        finally:
-            con.close()
+
+    def find(self, run_id: str) -> RunRecord | None:
+        """The run with exactly this id, or ``None`` (no prefix matching; see :meth:`get`)."""
+        with self._reading() as con:
+            row = con.execute(f"SELECT {self._COLS} FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            return self._record(con, row) if row else None
+
+    def run_folder(self, run_id: str) -> Path:
+        """Where the run ``run_id``'s files are (whether or not it exists)."""
+        return self.runs_dir / run_id
 
     def get(self, run_id: str) -> RunRecord:
         """The run with this id (or a unique prefix of it)."""
-        con = self._connect()
-        try:
+        with self._reading() as con:
             rows = con.execute(f"SELECT {self._COLS} FROM runs WHERE run_id LIKE ? ORDER BY created",
                                (run_id.replace("%", "") + "%",)).fetchall()
             if not rows:
@@ -268,8 +364,6 @@ class Store:
             if len(rows) > 1 and not exact:
                 raise BackdoorLabError(f"run id prefix {run_id!r} is ambiguous: {', '.join(r[0] for r in rows[:5])}")
             return self._record(con, exact[0] if exact else rows[0])
-        finally:
-            con.close()
 
     # ------------------------------------------------------------------ cache
     def cache_path(self, key: str) -> Path:

@@ -2,15 +2,17 @@
 
 Data-poisoning attacks (:class:`Attack`): badnets, blend, multiplicative, sig, clean-label,
 random-position, wanet. Training-time attacks (:class:`TrainingAttack`): input-aware, pruning-aware.
+Every module of this folder is imported (:func:`backdoorlab.registry.discover`): a new attack is one
+file here, or a plugin (see :mod:`backdoorlab.registry`).
 """
 
-from backdoorlab.attacks import (  # noqa: F401  (register the attacks)
-    badnets, blend, clean_label, input_aware, multiplicative, pruning_aware, random_position, sig, wanet,
-)
 from backdoorlab.attacks.base import (
     ATTACKS, MODES, Attack, TrainedVictim, TrainingAttack, choose_indices, is_training_attack, poison, poison_test,
     triggered_test_set,
 )
+from backdoorlab.registry import discover
+
+discover(__name__)  # register the attacks: every module of this package
 
 __all__ = ["ATTACKS", "MODES", "Attack", "TrainedVictim", "TrainingAttack", "choose_indices", "is_training_attack",
            "poison", "poison_test", "triggered_test_set"]

@@ -58,29 +58,13 @@ def to_imageset(
     x: np.ndarray, y: np.ndarray, *, name: str, num_classes: int | None = None,
     class_names: tuple[str, ...] = (),
 ) -> ImageSet:
-    """Convert channels-last uint8 arrays (N,H,W) or (N,H,W,C) and integer labels to an ImageSet."""
-    x = np.asarray(x)
-    y = np.asarray(y)
-    if x.dtype != np.uint8:
-        raise BackdoorLabError(
-            f"{name}: images must be uint8 (0..255); got {x.dtype}. Convert with "
-            "(x * 255).round().astype('uint8') if they are floats in [0, 1]"
-        )
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise BackdoorLabError(
-            f"{name}: images must have shape (N,H,W) or (N,H,W,C) with C in (1, 3); got {x.shape}"
-        )
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise BackdoorLabError(f"{name}: need one label per image: {x.shape[0]} images, labels of shape {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise BackdoorLabError(f"{name}: labels must be integers; got {y.dtype}")
-    if y.size and y.min() < 0:
-        raise BackdoorLabError(f"{name}: labels must be >= 0; got {y.min()}")
-    if x.shape[0] == 0:
-        raise BackdoorLabError(f"{name}: the data set is empty")
-    k = int(num_classes if num_classes is not None else (int(y.max()) + 1 if y.size else 0))
+    """Convert channels-last uint8 arrays (N,H,W) or (N,H,W,C) and integer labels to an ImageSet
+    (checked by :mod:`backdoorlab.validate`: dtype, shape, labels, class count)."""
+    from backdoorlab.validate import class_count, images_array, labels_array
+
+    x = images_array(x, name)
+    y = labels_array(y, x.shape[0], name, num_classes)
+    k = class_count([y], name, num_classes)
     if class_names and len(class_names) != k:
         class_names = ()
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
@@ -109,13 +93,9 @@ def digits() -> RawData:
 
 # ----------------------------------------------------------------------------- npz
 def _load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise BackdoorLabError(f"{what}: file not found: {path}. Give the path of an .npz with keys x and y")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise BackdoorLabError(f"{what}: {path} is not a readable .npz file ({exc})") from exc
+    from backdoorlab.validate import read_npz
+
+    return read_npz(path, what)
 
 
 def _npz_sets(arrays: dict[str, np.ndarray], path: Path, num_classes: int | None) -> tuple[tuple, tuple | None]:
@@ -155,8 +135,15 @@ def npz(path: str, test_path: str | None = None, num_classes: int | None = None)
         tarrays = _load_npz(tp, "data.test_path")
         (xte, yte), _ = _npz_sets(tarrays, tp, num_classes)
         test = (xte, yte)
-    if num_classes is None:
-        num_classes = int(max(int(ytr.max()), int(test[1].max()) if test is not None else 0)) + 1
+    from backdoorlab.validate import class_count, images_array, labels_array
+
+    xtr = images_array(xtr, str(p))
+    ytr = labels_array(ytr, xtr.shape[0], str(p), num_classes)
+    if test is not None:
+        where = str(tp) if test_path is not None else f"{p} (test split)"
+        xte = images_array(test[0], where)
+        test = (xte, labels_array(test[1], xte.shape[0], where, num_classes))
+    num_classes = class_count([ytr] + ([test[1]] if test is not None else []), str(p), num_classes)
     train_set = to_imageset(xtr, ytr, name=p.stem, num_classes=num_classes, class_names=names)
     test_set = (
         to_imageset(test[0], test[1], name=f"{p.stem}-test", num_classes=num_classes, class_names=names)
@@ -256,15 +243,31 @@ def folder(path: str, image_size: int | None = None, grayscale: bool = False, te
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
+    if image_size is not None and not (isinstance(image_size, int) and 1 <= image_size <= 4096):
+        raise BackdoorLabError(f"data.image_size: give a size in pixels from 1 to 4096; got {image_size!r}")
+
     def load(p: str, what: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
         if not Path(p).is_dir():
             raise BackdoorLabError(f"{what}: folder not found: {p}. Give a folder with one sub-folder of images per class")
         try:
             ds = ImageFolder(p)
-        except (RuntimeError, FileNotFoundError) as exc:
-            raise BackdoorLabError(f"{what}: {p} is not an image folder ({exc})") from None
+        except (RuntimeError, OSError) as exc:
+            raise BackdoorLabError(f"{what}: {p} is not an image folder ({' '.join(str(exc).split())}); give a "
+                                   "folder with one sub-folder of images (.png, .jpg, ...) per class") from None
         mode = "L" if grayscale else "RGB"
-        imgs = [Image.open(fp).convert(mode) for fp, _ in ds.samples]
+        imgs = []
+        for fp, _ in ds.samples:
+            try:
+                with Image.open(fp) as im:
+                    imgs.append(im.convert(mode))
+            except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a damaged file
+                from backdoorlab.validate import exception_summary
+
+                raise BackdoorLabError(f"{what}: {fp} is not a readable image ({exception_summary(exc)}); "
+                                       "remove it or replace it with a PNG/JPEG file") from None
+        if len(ds.classes) < 2:
+            raise BackdoorLabError(f"{what}: {p} has {len(ds.classes)} class folder ({', '.join(ds.classes)}); "
+                                   "give one sub-folder of images per class, at least 2")
         sizes = {im.size for im in imgs}
         if image_size is None and len(sizes) > 1:
             raise BackdoorLabError(f"{what}: images in {p} have {len(sizes)} different sizes; set image_size to resize them")

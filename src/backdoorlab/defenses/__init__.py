@@ -1,19 +1,21 @@
-"""Defenses: the five families and the registry :data:`DEFENSES`."""
+"""Defenses: the five families and the registry :data:`DEFENSES`.
 
-from backdoorlab.defenses import bias_maps, neural_cleanse, pairwise, pattern_subtraction  # noqa: F401  (register the defenses)
+Every module of this folder is imported (:func:`backdoorlab.registry.discover`): a new defense is
+one file here, or a plugin (see :mod:`backdoorlab.registry`).
+"""
 
-from backdoorlab.defenses.base import (
+from backdoorlab.defenses.base import (  # first: every defense module imports it
     DEFENSES, FAMILIES, CleanseResult, Cleanser, Defense, DetectionResult, InputDetector, InspectionResult,
     Inspector, RepairResult, Repairer, RobustTrainer, RobustTrainResult, mad_anomaly_index,
 )
+from backdoorlab.registry import discover
 
-__all__ = [
-    "DEFENSES", "FAMILIES", "CleanseResult", "Cleanser", "Defense", "DetectionResult", "InputDetector",
-    "InspectionResult", "Inspector", "RepairResult", "Repairer", "RobustTrainResult", "RobustTrainer",
-    "mad_anomaly_index",
-]
+discover(__name__)  # register the defenses: every module of this package
 
-from backdoorlab.defenses import abl, pruning, strip  # noqa: E402,F401  (register the defenses)
 from backdoorlab.defenses.strip import Guarded, Strip  # noqa: E402
 
-__all__ += ["Guarded", "Strip"]
+__all__ = [
+    "DEFENSES", "FAMILIES", "CleanseResult", "Cleanser", "Defense", "DetectionResult", "Guarded", "InputDetector",
+    "InspectionResult", "Inspector", "RepairResult", "Repairer", "RobustTrainResult", "RobustTrainer", "Strip",
+    "mad_anomaly_index",
+]

@@ -15,89 +15,45 @@ Backdoor samples are learned much faster than clean ones. ABL uses that twice:
 3. **Unlearning** (``unlearning_epochs``): the isolated samples are unlearned with a small
    learning rate, which breaks the trigger -> target correlation, while each step also descends
    on a batch of the rest (the paper's equation 5, ``E_rest[l] - E_isolated[l]``). Accuracy on the
-   defender's clean held-out set is measured after every epoch; the latest epoch within
-   ``tolerance`` of the accuracy before unlearning is kept (epoch 0, no unlearning, at worst).
+   defender's clean held-out set is measured after every epoch; an epoch within ``tolerance`` of
+   the accuracy before unlearning is kept (``keep``, below; epoch 0, no unlearning, at worst).
 
-``train(model, data, *, clean=None, eval_clean=None, eval_triggered=None, truth=None)`` trains
-``model`` (untrained, modified in place and returned) on ``data`` (the possibly poisoned training
-set, no ground truth). ``clean`` is the defender's clean held-out set for the unlearning check
-(without it unlearning runs all its epochs). The evaluation sets (clean test images; triggered
-images labelled with the target) and ``truth`` (``is_poison`` (N,) bool of ``data``) are used
-*only for reporting*: CA / ASR after each phase, isolation precision, and the per-sample loss
-traces split into clean and poisoned samples; they never change what ABL does.
+``train(model, data, *, clean=None, evaluate=None)`` trains ``model`` (freshly initialised,
+modified in place and returned) on ``data`` (the possibly poisoned training set, no ground truth).
+``clean`` is the defender's clean held-out set for the unlearning check (without it unlearning
+runs all its epochs). ``evaluate(model)`` (optional) reports CA / ASR after each phase into
+``phases``; it never changes what ABL does. The runner scores the isolation precision from
+``isolated_indices`` afterwards; ABL never sees which samples are poisoned.
 
 Deviations, and why:
 - *Epochs scaled for CPU.* The paper trains 20 isolation epochs, 60 more, then 20 unlearning
-  epochs (ResNet on CIFAR-10, GPU). Defaults here are 5 / 5 / 10 for the small CNN on MNIST; the
-  benchmark (``benchmarks/bench_abl.py``) states what it used.
-- *LGA per sample or per batch.* The paper's equation 3 applies ``sign(l - gamma) * l`` to each
-  sample; the authors' code applies it to the batch-mean loss. Both are here (``lga``), per
-  ``batch`` by default: measured on mnist5k (NOTES-issue7.md) the batch form separates
-  backdoor samples better, because clean samples stay partly unlearned near ``gamma`` while the
-  backdoor samples go to ~0, whereas per-sample ascent also pushes the backdoor samples back up.
-- *gamma 0.2, not the paper's 0.5.* gamma should sit below the clean training loss during
-  isolation, so that clean samples hover at gamma while backdoor samples sink below it. On MNIST
-  the clean loss falls under 0.5 within the first epoch; with gamma 0.5 every later batch is an
-  ascent step, the isolation model oscillates (held-out accuracy ~0.84) and isolation precision
-  on the tests' 8k split came out 0.80 / 0.19 / 1.00 for initial-weight seeds 0-2 on a CPU with
-  AMX (and 1.00 / 0.39 / 1.00 / 1.00 / 0.95 / 1.00 for seeds 0-5 on an earlier machine). With
-  gamma 0.2: 1.00 for seeds 0-4, isolation-model accuracy 0.92-0.95. On the CPU-sized CIFAR-10
-  runs the training loss stays above both values during isolation, so there they act alike.
-- *Isolation score.* The authors rank the samples by their loss after the last isolation epoch.
-  Under LGA the losses oscillate around ``gamma`` (an ascent step on a batch whose mean fell below
-  ``gamma`` undoes part of the learning, backdoor included), and on MNIST the precision of the
-  lowest 1% at a single moment swings between 0.0 and 1.0 from one quarter epoch to the next
-  (NOTES-issue7.md). By default (``isolation_score="median"``) each sample's loss is measured
-  ``passes_per_epoch`` times per isolation epoch (eval mode, no augmentation) and the median over
-  the passes after the first epoch (burn-in: the backdoor is not learned yet) is its score; the
-  median ignores the passes where an ascent step briefly unlearned the trigger. ``"mean"`` averages
-  the same passes; ``"last"`` is the paper's rule. Measured on the tests' 8k full-MNIST split
-  (BadNets 10%, 5 isolation epochs, 2 threads): precision 1.00 / 0.39 / 1.00 / 1.00 / 0.95 / 1.00
-  for initial-weight seeds 0-5; the epoch-end mean used before gave 0.29 / 0.09 / 1.00 for seeds
-  0-2 (3 epochs). It is not robust on MNIST: in a bad run the easiest clean digits (classes 2, 6,
-  7) reach lower losses than the partly learned backdoor.
-- *Unlearning objective.* The authors' code minimises ``-l`` on the isolated set alone with SGD
-  at lr 5e-4 (``unlearning_loss="ce-ascent"``, ``unlearning="ascent"``, ``unlearning_lr=5e-4``). On
-  the MNIST CNN (no BatchNorm) that does nothing for 10+ epochs: the isolated samples sit at a
-  loss of ~1e-4, where the gradient of ``-l`` vanishes; at larger rates the ascent runs away
-  (unbounded loss) and takes clean accuracy with it before the test ASR moves, even with the
-  true poisoned samples as the isolated set (NOTES-issue7.md). The default minimises the
-  unlikelihood ``-log(1 - p_y)`` of the isolated samples' labels instead: the same direction
-  (make the model stop predicting the poisoned label), a strong gradient at saturation, and
-  bounded (it stops pushing once ``p_y`` is small). It is computed as the logsumexp of the other
-  classes' log-probabilities: ``log1p(-p_y)`` with ``p_y`` clamped below 1 had no gradient once a
-  trigger was learned to float32 saturation, and unlearning then did nothing (tests' split, seed 2:
-  ASR 1.00 through all 10 unlearning epochs; now 0.001). Alone it also erases the target class for
-  clean images, so each step descends on a batch of the rest as in the paper's equation 5
-  (``unlearning="joint"``); the learning rate follows a cosine over the unlearning steps.
-  ``ascent_bound`` clamps each sample's ``l`` in the ce-ascent form.
-- *Relearning the rest, keeping the unlearned epoch.* With a pure isolated set (all labelled with
-  the target), unlearning erases the whole target class (CA 0.965 -> 0.86 on the tests' split), and
-  one descent step on the rest per unlearning step relearns it only slowly. ``rest_steps`` (4)
-  optimiser steps on the rest follow each unlearning step; but the rest still holds ~90% of the
-  poison and slowly re-teaches the trigger, so the epoch kept (``keep="unlearned"``) is the one,
-  among those whose held-out accuracy is within ``tolerance`` of the accuracy before unlearning,
-  where the isolated samples' labels are least predicted (no ground truth needed), and among
-  epochs where they are predicted at most at chance level (1/K), the best held-out accuracy;
-  ``"latest"`` keeps the latest epoch within tolerance. Measured (same split, seed 0): ASR 1.00 -> 0.006,
-  CA 0.965 -> 0.943 (unlearning lr 5e-3).
-- *Relearning from the less suspicious part of the rest* (``relearn_exclude``, our addition). The
-  joint unlearning's descent on the rest re-teaches the trigger from the poison still there (~90%
-  of it at 1% isolation on a 10% poisoning): on a 20,000-image full-MNIST BadNets run (isolation
-  precision 0.995) ASR came back to 0.48 after unlearning (0.23 on an earlier machine). The isolation score ranks the rest too,
-  and the poison not isolated sits just above the isolated 1% (measured on that run: 52% of the
-  poison within the lowest 5% of scores, 80% within 10%, 92% within 20%), so the descent skips
-  the ``relearn_exclude`` share of lowest scores after the isolated ones; they are not unlearned
-  (that would erase as many easy clean samples) and the model is still trained on them in phase 2,
-  as in the paper. With 0.2 (default): ASR 0.006 at 0.3 point of CA (NOTES-issue7.md). 0 restores
-  the paper's equation 5. It cannot help where isolation fails (blend, SIG on MNIST: no poison
-  among the lowest 1%, and for blend none within the lowest 20% either).
-- *Unlearning loop.* Written on :class:`~backdoorlab.data.loader.TensorLoader` and
-  :func:`~backdoorlab.train.make_optimizer` rather than :func:`~backdoorlab.train.train`, because
-  it pairs two loaders, keeps BatchNorm layers in eval mode (their running statistics would
-  otherwise drift to the 1% isolated set; the authors' code leaves them in train mode) and keeps
-  the best epoch. The isolation and training phases reuse :func:`~backdoorlab.train.train` (the
-  LGA loss goes in through its ``loss_fn`` hook, the traces through its ``epoch_end`` callback).
+  epochs (ResNet on CIFAR-10, GPU); defaults here are 5 / 5 / 10 for the small CNN on MNIST.
+- *LGA on the batch-mean loss* (``lga``), as in the authors' code; the paper's equation 3 is per
+  sample (``"sample"``), which also pushes the backdoor samples back up and separates worse.
+- *gamma 0.2, not 0.5.* gamma must sit below the clean training loss during isolation; on MNIST
+  that loss falls under 0.5 in the first epoch, and every later step is then an ascent step.
+- *Isolation score* (``isolation_score``). Under LGA the losses oscillate around ``gamma``, so the
+  paper's ranking after the last epoch (``"last"``) is unreliable; the default ranks by the median
+  of ``passes_per_epoch`` loss passes per isolation epoch, after a burn-in epoch (``"mean"``: their
+  mean).
+- *Unlearning objective* (``unlearning_loss``, ``unlearning``). The authors' ascent on ``-l`` of
+  the isolated set (``"ce-ascent"``, ``"ascent"``, lr 5e-4) vanishes at saturation on the MNIST CNN
+  and runs away at larger rates. The default minimises the bounded unlikelihood ``-log(1 - p_y)``
+  (as a logsumexp, which keeps its gradient at float32 saturation) jointly with a descent on the
+  rest (``"joint"``, equation 5), so the target class survives. ``ascent_bound`` bounds ce-ascent.
+- *Relearning the rest, choosing the epoch* (``rest_steps``, ``keep``). ``rest_steps`` descent
+  steps on the rest follow each unlearning step (a pure isolated set would erase the target
+  class). ``keep="unlearned"`` keeps, among epochs within ``tolerance``, the one whose isolated
+  labels are least predicted (among those predicted at most at chance, 1/K: the best held-out
+  accuracy); no ground truth needed. ``"latest"``: the latest epoch within tolerance.
+- ``relearn_exclude`` (0.2, our addition). The poison not isolated ranks just above the isolated
+  share and would re-teach the trigger, so the joint descent skips that share of the next-lowest
+  scores (still trained on in phase 2, not unlearned). 0 is the paper's equation 5.
+- *Unlearning loop* on :class:`~backdoorlab.data.loader.TensorLoader`, not
+  :func:`~backdoorlab.train.train`: it pairs two loaders, keeps the best epoch and keeps BatchNorm
+  in eval mode (its statistics would drift to the 1% isolated set; the authors' code does not).
+
+Measurements: docs/abl.md.
 """
 
 from __future__ import annotations
@@ -113,45 +69,25 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import nn
 
-from backdoorlab.defenses.base import DEFENSES, RobustTrainer, RobustTrainResult
+from backdoorlab.defenses._abl_losses import (  # noqa: F401  (lga_loss, per_sample_loss, unlearning_loss: public here)
+    _accuracies, _endless, _more_unlearned, lga_loss, per_sample_loss, unlearning_loss,
+)
+from backdoorlab.defenses.base import DEFENSES, Evaluate, RobustTrainer, RobustTrainResult
 from backdoorlab.errors import BackdoorLabError
 from backdoorlab.types import ImageSet
 
 log = logging.getLogger(__name__)
 
 
-def lga_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float, per_sample: bool) -> torch.Tensor:
-    """The LGA loss ``sign(l - gamma) * l`` (a scalar): per sample then averaged, or on the batch mean.
-
-    ``logits`` (B, K), ``y`` (B,) int64."""
-    if per_sample:
-        loss = F.cross_entropy(logits, y, reduction="none")
-        return (torch.sign(loss - gamma) * loss).mean()
-    loss = F.cross_entropy(logits, y)
-    return torch.sign(loss - gamma) * loss
-
-
-@torch.inference_mode()
-def per_sample_loss(model: nn.Module, data: ImageSet, batch_size: int = 1024) -> torch.Tensor:
-    """Cross-entropy of every sample of ``data`` under ``model`` (eval mode): float32 (N,)."""
-    from backdoorlab.train import predict_logits
-
-    return F.cross_entropy(predict_logits(model, data.x, batch_size), data.y, reduction="none")
-
-
-def _accuracies(model: nn.Module, sets: dict[str, Optional[ImageSet]], batch_size: int) -> dict[str, float]:
-    from backdoorlab.train import evaluate
-
-    return {k: evaluate(model, d, batch_size) for k, d in sets.items() if d is not None and len(d)}
-
-
 @DEFENSES.register("abl", "Anti-Backdoor Learning (Li et al. 2021): LGA isolation of the lowest-loss samples, "
                           "training on the rest, unlearning the isolated ones")
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class ABL(RobustTrainer):
-    """Anti-Backdoor Learning; see the module docstring. Result details: per-phase metrics
+    """Anti-Backdoor Learning; see the module docstring. The result holds the per-phase figures
     (``phases``), the per-sample loss traces (``loss_traces`` float (T_iso, N)), the isolation
-    losses, the unlearning curve, and with ``truth`` the isolation precision."""
+    ranking (``sample_scores``, the negated isolation loss) and, in ``details``, the unlearning curve."""
+
+    report_keys = ("num_isolated",)
 
     gamma: float = Field(0.2, description="LGA loss floor gamma (> 0; the paper's 0.5 is for CIFAR-10 losses)")
     isolation_ratio: float = Field(0.01, description="share p of the training set isolated, in (0, 0.5]")
@@ -218,15 +154,14 @@ class ABL(RobustTrainer):
         return TrainConfig(epochs=epochs, batch_size=self.batch_size, optimizer=self.optimizer, lr=self.lr,
                            momentum=self.momentum, weight_decay=self.weight_decay, schedule=schedule,
                            crop_padding=self.crop_padding, flip=self.flip, eval_batch_size=self.eval_batch_size,
-                           warmup=0.0)  # the phases were measured without warm-up (NOTES-issue7.md)
+                           warmup=0.0)  # the phases were measured without warm-up (docs/abl.md)
 
     def train(self, model: nn.Module, data: ImageSet, *, clean: ImageSet | None = None,
-              eval_clean: ImageSet | None = None, eval_triggered: ImageSet | None = None,
-              truth: torch.Tensor | None = None, callbacks: tuple = ()) -> RobustTrainResult:
+              evaluate: Evaluate | None = None, callbacks: tuple = ()) -> RobustTrainResult:
         from backdoorlab.train import train
 
         n = len(data)
-        _check_inputs(model, data, clean, eval_clean, eval_triggered, truth)
+        _check_inputs(model, data, clean)
         k = int(round(self.isolation_ratio * n))
         if k < 1:
             raise BackdoorLabError(f"abl: isolating {self.isolation_ratio:g} of {n} samples isolates none; "
@@ -235,7 +170,7 @@ class ABL(RobustTrainer):
         if k + k_out >= n:
             raise BackdoorLabError(f"abl: isolation_ratio {self.isolation_ratio:g} + relearn_exclude {self.relearn_exclude:g} "
                                    f"leave none of the {n} samples to relearn from; lower relearn_exclude")
-        sets = {"holdout_accuracy": clean, "clean_accuracy": eval_clean, "attack_success_rate": eval_triggered}
+        sets: dict[str, Any] = {"holdout_accuracy": clean, "evaluate": evaluate}
         bs = self.eval_batch_size
         t_start = time.perf_counter()
         phases: dict[str, dict[str, float]] = {}
@@ -267,11 +202,6 @@ class ABL(RobustTrainer):
         isolated, rest = order[:k].sort().values, order[k:].sort().values
         phases["isolation"] = {**_accuracies(model, sets, bs), "seconds": time.perf_counter() - t0,
                                "loss_threshold": float(losses[order[k - 1]])}
-        if truth is not None:
-            phases["isolation"]["isolation_precision"] = float(truth[isolated].float().mean())
-            phases["isolation"]["isolated_poison"] = float(truth[isolated].sum())
-            for q in (0.05, 0.1, 0.2):  # where the rest of the poison ranks (the recall of a larger isolation)
-                phases["isolation"][f"poison_recall_lowest_{q:g}"] = float(truth[order[:int(round(q * n))]].sum()) / max(1.0, float(truth.sum()))
         log.info("abl: isolated %d of %d samples (loss <= %.4g); %s", k, n, phases["isolation"]["loss_threshold"],
                  _fmt(phases["isolation"]))
 
@@ -288,9 +218,6 @@ class ABL(RobustTrainer):
         # 3. unlearning: gradient ascent on the isolated samples, checked on the clean held-out set
         t0 = time.perf_counter()
         relearn = order[k + k_out:].sort().values
-        if truth is not None and k_out:
-            phases["isolation"]["excluded_poison"] = float(truth[order[k:k + k_out]].sum())
-            phases["isolation"]["relearn_poison"] = float(truth[relearn].sum())
         curve = self._unlearn(model, data.subset(isolated, name="isolated"),
                               data.subset(relearn, name="rest") if self.unlearning == "joint" else None, sets, bs)
         phases["unlearning"] = {**curve[-1]["metrics"], "seconds": time.perf_counter() - t0,
@@ -300,17 +227,34 @@ class ABL(RobustTrainer):
 
         details: dict[str, Any] = {
             "method": "abl", "params": {k_: getattr(self, k_) for k_ in self.__dataclass_fields__},
-            "isolated": k, "phases": phases, "isolation_losses": losses,
-            "loss_traces": torch.stack(traces),
+            "isolated": k, "isolation_losses": losses, "excluded": order[k:k + k_out].sort().values,
             "unlearning_curve": [{"epoch": float(r["epoch"]), "accepted": float(r["accepted"]), **r["metrics"]}
                                  for r in curve[:-1]],
             "history": {"isolation": hist_iso.as_dict(), "training": hist_train.as_dict() if hist_train else None},
             "seconds": time.perf_counter() - t_start,
         }
-        if truth is not None:
-            details["isolation_precision"] = phases["isolation"]["isolation_precision"]
-            details["truth"] = truth.clone()
-        return RobustTrainResult(model, isolated, details)
+        return RobustTrainResult(model, isolated, sample_scores=-losses, loss_traces=torch.stack(traces),
+                                 phases=phases, details=details)
+
+    # ---- report hooks
+    def figures(self, result: RobustTrainResult, truth: torch.Tensor | None = None) -> dict[str, bytes]:
+        from backdoorlab.plots_abl import loss_traces
+
+        tr = result.loss_traces
+        if tr is None or tr.dim() != 2 or tr.shape[0] == 0:
+            return {}
+        known = truth is not None
+        groups = truth if known else torch.isin(torch.arange(tr.shape[1]), result.isolated_indices)
+        return {"loss_traces": loss_traces(tr, groups, gamma=self.gamma, title=self.describe(),
+                                           labels=("clean samples", "poisoned samples") if known else
+                                           ("kept samples", "isolated samples"))}
+
+    def metrics(self, result: RobustTrainResult) -> dict[str, float]:
+        return {"num_isolated": float(result.isolated_indices.numel())}
+
+    def summary(self, result: RobustTrainResult) -> dict[str, Any]:
+        return {"phases": result.phases, "num_isolated": int(result.isolated_indices.numel()),
+                "unlearning_curve": result.details.get("unlearning_curve", [])}
 
     def _isolation_score(self, passes: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
         """Each sample's isolation score (lower = more likely poisoned) from the loss passes."""
@@ -394,43 +338,11 @@ class ABL(RobustTrainer):
         return rows + [{"epoch": kept[0], "accepted": True, "metrics": kept[2]}]
 
 
-def unlearning_loss(logits: torch.Tensor, y: torch.Tensor, kind: str, bound: float | None = None) -> torch.Tensor:
-    """Loss minimised on the isolated samples (a scalar): ``ce-ascent`` is ``-l`` (the paper), with
-    each sample's ``l`` clamped at ``bound`` when given; ``unlikelihood`` is ``-log(1 - p_y)``."""
-    if kind == "unlikelihood":
-        # log(1 - p_y) = logsumexp of the other classes' log-probabilities: exact also where p_y
-        # rounds to 1 in float32 (a confidently learned trigger), where log1p(-p_y) has no gradient
-        logp = F.log_softmax(logits.float(), 1)
-        others = logp.masked_fill(F.one_hot(y, logp.shape[1]).bool(), float("-inf"))
-        return -torch.logsumexp(others, 1).mean()
-    per = F.cross_entropy(logits, y, reduction="none")
-    if bound is not None:
-        per = per.clamp(max=bound)
-    return -per.mean()
-
-
-def _more_unlearned(m: dict[str, float], kept: dict[str, float], chance: float) -> bool:
-    """``keep="unlearned"``: is epoch metrics ``m`` better to keep than ``kept``? The isolated samples'
-    labels less predicted wins; once both are at or below chance level (unlearned), the better
-    held-out accuracy wins (ties: the later epoch)."""
-    a, b = m["isolated_accuracy"], kept["isolated_accuracy"]
-    if a <= chance and b <= chance and "holdout_accuracy" in m:
-        return m["holdout_accuracy"] >= kept["holdout_accuracy"]
-    return a <= b
-
-
-def _endless(loader):
-    """Batches of ``loader``, epoch after epoch (a new permutation each time)."""
-    while True:
-        yield from loader
-
-
 def _fmt(m: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "seconds")
 
 
-def _check_inputs(model: nn.Module, data: ImageSet, clean: ImageSet | None, eval_clean: ImageSet | None,
-                  eval_triggered: ImageSet | None, truth: torch.Tensor | None) -> None:
+def _check_inputs(model: nn.Module, data: ImageSet, clean: ImageSet | None) -> None:
     if not isinstance(data, ImageSet):
         raise BackdoorLabError(f"abl: the training set must be an ImageSet; got {type(data).__name__}")
     if len(data) < 2:
@@ -440,13 +352,10 @@ def _check_inputs(model: nn.Module, data: ImageSet, clean: ImageSet | None, eval
                                "not a TorchScript file")
     k = getattr(model, "num_classes", None)
     shape = getattr(model, "input_shape", None)
-    for what, d in (("training set", data), ("clean held-out set", clean), ("eval_clean", eval_clean),
-                    ("eval_triggered", eval_triggered)):
+    for what, d in (("training set", data), ("clean held-out set", clean)):
         if d is None:
             continue
         if k is not None and d.num_classes != k:
             raise BackdoorLabError(f"abl: the {what} has {d.num_classes} classes but the model has {k} outputs")
         if shape is not None and tuple(d.shape) != tuple(shape):
             raise BackdoorLabError(f"abl: the {what} has images of shape {d.shape} but the model expects {tuple(shape)}")
-    if truth is not None and (truth.dtype != torch.bool or tuple(truth.shape) != (len(data),)):
-        raise BackdoorLabError(f"abl: truth must be a bool tensor of shape ({len(data)},), one flag per training sample")

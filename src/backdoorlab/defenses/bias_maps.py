@@ -20,8 +20,7 @@ The seed stops at visual inspection and the distance bar chart; we add the MAD a
 Neural Cleanse (Wang et al. 2019) to turn the distances into a verdict: a class (a pair) whose
 index exceeds ``threshold`` (``pair_threshold``) on the high side is flagged. The model is called
 backdoored when a *class* is flagged; flagged pairs are reported beside it but do not decide the
-verdict (on full MNIST, Algorithm II flags cells ending in class 1 on clean suspects too:
-benchmarks/bench_biasmaps.py, NOTES-issue6.md).
+verdict (Algorithm II also flags cells on clean suspects).
 
 Deviations, and why:
 - Batched: all K targets x all samples run as one I-FGSM program (chunks of ``chunk`` images; each
@@ -44,19 +43,18 @@ Deviations, and why:
   its column's other cells (Alg. II, same target, other sources). This measures how much a
   class's adversarial mean stands out from the others' rather than how it changed, so digits that
   simply look different can outrank a planted trigger: a weaker test (benchmarks/bench_biasmaps.py).
-- ``statistic='local'`` is our addition (the default stays the seed's Euclidean distance): the
+- ``statistic='local'`` is our addition (not the default, which is ``stamp``, below): the
   difference map is z-scored pixel by pixel across classes and the largest window mean is kept
   (see :func:`_distance`). Two independently trained models (the issue's reference "trained with
   another seed") differ everywhere, which drowns a 5x5 trigger in the Euclidean norm; the seed
   fine-tunes its backdoored model from the clean one, where the maps differ little elsewhere.
-- ``statistic='stamp'`` (default; our addition, measured in benchmarks/bench_biasmaps.py and
-  NOTES-issue6.md): the seed reads the trigger off the target's bias map by eye (its figure 8
-  compares maps of a suspect fine-tuned from the reference, which differ only where the poison
-  changed them). Between two independently trained models the maps differ everywhere, and the
-  Euclidean distance ranked the target or source first in 1 of the seed's 4 fixed-patch attacks on
-  full MNIST. So each class's map difference is read as a candidate trigger and tested: its
-  ``stamp_pixels`` (25) entries of largest |suspect - reference| are set to 1 (difference > 0) or 0
-  (< 0) on ``stamp_images`` (2,000) clean images, and the statistic is the largest, over source
+- ``statistic='stamp'`` (the default; our addition): the seed reads the trigger off the target's
+  bias map by eye (its figure 8 compares maps of a suspect fine-tuned from the reference, which
+  differ only where the poison changed them). Between two independently trained models the maps
+  differ everywhere, and the Euclidean distance often misses a planted trigger. So each class's
+  map difference is read as a candidate trigger and tested: its ``stamp_pixels`` (25) entries of
+  largest |suspect - reference| are set to 1 (difference > 0) or 0 (< 0) on ``stamp_images``
+  (2,000) clean images, and the statistic is the largest, over source
   groups (the reference's prediction on the unstamped image), of the share of the group that the
   suspect then puts in the class minus the share the reference puts there. A planted trigger moves
   most of its source group with the suspect and none with the reference; natural differences of
@@ -70,25 +68,27 @@ Deviations, and why:
 - Where the reference comes from: ``inspect(model, clean, reference=...)``, or a model file in
   ``reference``; in experiment YAML ``reference_seed`` makes the runner train a clean reference
   (the victim's architecture and training config, the same clean split, that seed).
+
+Measurements: docs/bias-maps.md.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 import time
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import nn
 
-from backdoorlab.defenses.base import DEFENSES, InspectionResult, Inspector, mad_anomaly_index
-from backdoorlab.defenses.common import check_model_matches, checked_logits, frozen
+from backdoorlab.defenses._bias_maps_stats import (  # noqa: F401  (ifgsm, MAD_FLOOR: public here)
+    MAD_FLOOR, _BiasMapStats, _Maps, _run, ifgsm,
+)
+from backdoorlab.defenses.base import DEFENSES, InspectionResult, Inspector
+from backdoorlab.defenses.common import check_model_matches, frozen
 from backdoorlab.errors import BackdoorLabError
 from backdoorlab.types import ImageSet
 
@@ -98,112 +98,9 @@ Kind = Literal["blank", "noise", "data"]
 KINDS = ("blank", "noise", "data")
 
 
-def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return checked_logits(model(x.contiguous(memory_format=torch.channels_last)))
-
-
-def ifgsm(model: nn.Module, x0: torch.Tensor, target: torch.Tensor, eps: float, iterations: int,
-          source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targeted I-FGSM on a batch: ``iterations`` steps of x <- clip(x - eps * sign(grad)) of
-    J(x, target) (eq. 1), or of J(x, target) - J(x, source) when ``source`` is given (eq. 2).
-
-    ``x0`` float (B, C, H, W) in [0, 1], ``target``/``source`` int64 (B,). Returns the adversarial
-    images (B, C, H, W) in [0, 1] and the model's predictions on them (B,). The model's parameter
-    gradients are not touched (call it inside :func:`~backdoorlab.defenses.common.frozen`).
-    """
-    x = x0.detach().clone()
-    for _ in range(iterations):
-        x.requires_grad_(True)
-        logits = _forward(model, x)
-        loss = F.cross_entropy(logits, target, reduction="sum")
-        if source is not None:
-            loss = loss - F.cross_entropy(logits, source, reduction="sum")
-        (g,) = torch.autograd.grad(loss, x)
-        x = (x.detach() - eps * g.sign()).clamp_(0.0, 1.0)
-    with torch.no_grad():
-        pred = _forward(model, x).argmax(1)
-    return x, pred
-
-
-@dataclasses.dataclass(frozen=True)
-class _Maps:
-    """Running result of one algorithm on one model: ``maps`` (G, C, H, W) mean images per group
-    (a class, or a (source, prediction) cell flattened as source * K + prediction), ``counts`` (G,)."""
-
-    maps: torch.Tensor
-    counts: torch.Tensor
-
-    @property
-    def percent(self) -> torch.Tensor:
-        return 100.0 * self.counts.double() / max(1, int(self.counts.sum()))
-
-
-def _progress(total: int, what: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency of the test extra only
-        return None
-    return tqdm(total=total, desc=what, unit="img", leave=False, disable=None)
-
-
-def _run(model: nn.Module, starts: torch.Tensor, start_idx: torch.Tensor, target: torch.Tensor,
-         source: torch.Tensor | None, num_classes: int, eps: float, iterations: int, chunk: int, what: str) -> _Maps:
-    """I-FGSM on every (start, target[, source]) combination in chunks; the adversarial image is
-    added to the sum of its group: the prediction (eq. 1), or source * K + prediction (eq. 2)."""
-    groups = num_classes if source is None else num_classes * num_classes
-    n = start_idx.numel()
-    sums = torch.zeros(groups, *starts.shape[1:], dtype=torch.float64)
-    counts = torch.zeros(groups, dtype=torch.long)
-    bar = _progress(n, what)
-    for s in range(0, n, chunk):
-        sl = slice(s, s + chunk)
-        x, pred = ifgsm(model, starts[start_idx[sl]], target[sl], eps, iterations,
-                        None if source is None else source[sl])
-        key = pred if source is None else source[sl] * num_classes + pred
-        sums.index_add_(0, key, x.double())
-        counts += torch.bincount(key, minlength=groups)
-        if bar is not None:
-            bar.update(x.shape[0])
-    if bar is not None:
-        bar.close()
-    maps = (sums / counts.clamp_min(1).double().view(-1, *([1] * (sums.dim() - 1)))).float()
-    return _Maps(maps, counts)
-
-
-MAD_FLOOR = 0.01  # pixel units: a pixel whose change is this consistent across classes is not "infinitely" odd
-
-
-def _distance(a: torch.Tensor, b: torch.Tensor, statistic: str, window: int) -> torch.Tensor:
-    """Distance per group between maps ``a`` and ``b`` (G, C, H, W) (a class, or a pair cell).
-
-    ``euclidean``: ||a - b||_2 (the seed's figure 8). ``local``: the difference D = a - b
-    (channels averaged) is turned, pixel by pixel, into a robust z-score across the groups,
-    (D_g - median_g D) / (1.4826 MAD_g D + 0.01); the statistic is the largest |mean z| over
-    ``window`` x ``window`` windows. A planted trigger changes one group's map in one place where
-    the other groups' maps agree; two independently trained models differ everywhere, and at
-    pixels where every class differs (or differs erratically) the z-score stays small.
-    """
-    diff = a - b
-    if statistic == "euclidean":
-        return diff.flatten(1).norm(dim=1)
-    d = diff.mean(1)  # (G, H, W)
-    med = d.median(0).values
-    mad = (d - med).abs().median(0).values * 1.4826 + MAD_FLOOR
-    z = ((d - med) / mad)[:, None]
-    w = min(window, d.shape[-1], d.shape[-2])
-    return F.avg_pool2d(z, w, stride=1).abs().flatten(1).amax(1)
-
-
-def _median_others(maps: torch.Tensor) -> torch.Tensor:
-    """(K, D) -> (K, D): row k is the elementwise median of the other rows."""
-    k = maps.shape[0]
-    idx = torch.tensor([[j for j in range(k) if j != i] for i in range(k)])
-    return maps[idx].median(dim=1).values
-
-
 @DEFENSES.register("bias-maps", "adversarial bias maps (I-FGSM mean images per class and pair) vs a reference model (seed 002)")
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
-class BiasMaps(Inspector):
+class BiasMaps(_BiasMapStats, Inspector):
     inputs: tuple[Kind, ...] = Field(("data", "noise"), description="starting inputs: blank, noise, data (one or more)")
     eps: tuple[float, ...] = Field((0.1,), description="I-FGSM step(s) in (0, 1]; one setting per (input, eps)")
     iterations: int = Field(10, description="I-FGSM iterations (the seed: 10)")
@@ -352,7 +249,10 @@ class BiasMaps(Inspector):
                 out[f"{kind}@{float(e):g}"] = entry
         return out
 
-    def inspect(self, model: nn.Module, clean: ImageSet, reference: nn.Module | None = None) -> InspectionResult:
+    def wants_reference(self) -> int | None:
+        return self.reference_seed
+
+    def inspect(self, model: nn.Module, clean: ImageSet, *, reference: nn.Module | None = None) -> InspectionResult:
         """Compare the suspect ``model``'s bias maps with those of ``reference`` (or of the model
         file named by the ``reference`` field; without either, the no-reference fallback).
 
@@ -374,151 +274,36 @@ class BiasMaps(Inspector):
         res.details["seconds"] = time.perf_counter() - t0
         return res
 
-    def stamps(self, suspect: dict[str, dict], reference: dict[str, dict] | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per setting, each class's candidate trigger from its map difference D = suspect - reference
-        (no reference: the median of the other classes' maps): the ``stamp_pixels`` entries of largest
-        |D| are replaced by 1 where D > 0 and by 0 where D < 0. Returns ``{setting: (mask, value)}``,
-        both (K, C, H, W) (mask bool)."""
-        out = {}
-        for name, a in suspect.items():
-            maps = a["maps"]
-            other = reference[name]["maps"] if reference is not None else _median_others(maps.flatten(1)).view_as(maps)
-            d = (maps - other).flatten(1)
-            top = d.abs().topk(min(self.stamp_pixels, d.shape[1]), dim=1).indices
-            mask = torch.zeros_like(d, dtype=torch.bool).scatter_(1, top, True)
-            out[name] = (mask.view_as(maps), (d > 0).float().view_as(maps))
-        return out
+    # ---- report hooks
+    report_keys = ("top_class", "with_reference")
 
-    @torch.no_grad()
-    def stamp_test(self, model: nn.Module, reference: nn.Module | None, clean: ImageSet,
-                   suspect: dict[str, dict], ref_maps: dict[str, dict] | None) -> dict[str, torch.Tensor]:
-        """The ``stamp`` statistic (our addition; see the module notes): per setting, (K,) for each class
-        c the largest, over source groups g != c, of the share of group g's images that c's stamp
-        (:meth:`stamps`) sends to c with the suspect minus the share with the reference (without a
-        reference: the suspect's share alone). ``stamp_images`` clean images; an image's group is
-        the reference's prediction on it (labels are not read); images that either model already
-        puts in c unstamped are left out for c, and groups under ``min_group`` images count 0."""
-        k = clean.num_classes
-        g = torch.Generator().manual_seed(self.seed * 1000 + 7)
-        idx = torch.randperm(len(clean), generator=g)[: min(self.stamp_images, len(clean))]
-        if idx.numel() == 0:
-            raise BackdoorLabError("the stamp statistic needs clean images; the clean set is empty")
-        x = clean.float_batch(idx)
-        from backdoorlab.train import predict as pred  # batched, on the model's device, NaN-checked
+    def metrics(self, result: InspectionResult) -> dict[str, float]:
+        d = result.details
+        return {"top_class": float(d["top_class"]), "with_reference": float(d.get("reference") == "model")}
 
-        models = [m for m in (model, reference) if m is not None]
+    def figures(self, result: InspectionResult, truth: torch.Tensor | None = None) -> dict[str, bytes]:
+        from backdoorlab.plots_biasmaps import figures
 
-        out: dict[str, torch.Tensor] = {}
-        with contextlib.ExitStack() as stack:
-            for m in models:
-                stack.enter_context(frozen(m))
-            base = [pred(m, x) for m in models]
-            for name, (mask, value) in self.stamps(suspect, ref_maps).items():
-                rate = torch.zeros(k)
-                for c in range(k):
-                    keep = torch.ones(len(x), dtype=torch.bool)
-                    for b in base:
-                        keep &= b != c
-                    if not bool(keep.any()):
-                        continue
-                    xs = torch.where(mask[c], value[c], x[keep])
-                    group = base[-1][keep]  # the reference's class of each image (the suspect's without one)
-                    hits = [(pred(m, xs) == c).double() for m in models]
-                    diff = hits[0] - (hits[1] if len(hits) > 1 else 0.0)
-                    # per source group: a source-specific trigger moves one group only
-                    n_g = torch.bincount(group, minlength=k).double()
-                    share = torch.zeros(k, dtype=torch.float64).index_add_(0, group, diff) / n_g.clamp_min(1)
-                    share[n_g < self.min_group] = 0.0
-                    rate[c] = float(share.max())
-                out[name] = rate
-        return out
+        return {n.rsplit(".", 1)[0]: png for n, png in figures(result).items()}
 
-    def compare(self, suspect: dict[str, dict], reference: dict[str, dict] | None,
-                stamp: dict[str, torch.Tensor] | None = None) -> InspectionResult:
-        """The verdict from two :meth:`model_maps` outputs (same settings); ``reference`` None is the
-        no-reference fallback (each class against the median of the others). With ``statistic="stamp"``
-        the class statistic is ``stamp`` (:meth:`stamp_test`, per setting), its largest over settings;
-        the Euclidean distances are still reported (``class_distance``) and drive the pair grid."""
-        if self.statistic == "stamp" and stamp is None and reference is not None:
-            raise BackdoorLabError("the stamp statistic needs the models: call inspect(), or pass stamp_test()'s output")
-        # without a reference the stamp statistic falls back to the Euclidean distance (a class's own
-        # strokes, stamped, send images to it whatever the model: there is nothing to subtract)
-        dist_kind = "euclidean" if self.statistic == "stamp" else self.statistic
-        used = "stamp" if stamp is not None else dist_kind
-        stamp_images = self.stamps(suspect, reference) if stamp is not None else {}
-        if reference is not None and set(reference) != set(suspect):
-            raise BackdoorLabError(f"the reference maps have settings {sorted(reference)} but the suspect's "
-                                   f"{sorted(suspect)}; compute both with the same bias-maps parameters")
-        per_setting: dict[str, dict] = {}
-        class_norm, class_raw, pair_norm, pair_raw = [], [], [], []
-        t1 = t2 = 0.0
-        k = next(iter(suspect.values()))["maps"].shape[0]
-        for name, a in suspect.items():
-            b = reference[name] if reference is not None else None
-            if b is not None and b["maps"].shape != a["maps"].shape:
-                raise BackdoorLabError(f"the reference maps have shape {tuple(b['maps'].shape)} but the suspect's "
-                                       f"{tuple(a['maps'].shape)}: the two models must share classes and image shape")
-            t1 += a["seconds_algorithm1"] + (b["seconds_algorithm1"] if b is not None else 0.0)
-            maps = a["maps"]
-            other = b["maps"] if b is not None else _median_others(maps.flatten(1)).view_as(maps)
-            dist = _distance(maps, other, dist_kind, self.window)
-            entry = {"kind": a["kind"], "eps": a["eps"], "suspect": a["maps"], "suspect_percent": a["percent"],
-                     "reference": b["maps"] if b is not None else None,
-                     "reference_percent": b["percent"] if b is not None else None, "distance": dist}
-            class_raw.append(dist)
-            class_norm.append(dist / dist.median().clamp_min(1e-12))
-            if "pair_maps" in a:
-                t2 += a["seconds_algorithm2"] + (b["seconds_algorithm2"] if b is not None else 0.0)
-                grid = a["pair_maps"]
-                if b is not None:
-                    other_grid = b["pair_maps"]
-                else:  # cell (s, t) against the median of column t's other cells
-                    cols = grid.flatten(2).transpose(0, 1)  # (t, s, D)
-                    other_grid = torch.stack([_median_others(c) for c in cols]).transpose(0, 1).reshape(grid.shape)
-                off = ~torch.eye(k, dtype=torch.bool)  # (s, s) cells hold the images that never left s
-                pd = torch.full((k, k), float("nan"))
-                pd[off] = _distance(grid[off], other_grid[off], dist_kind, self.window)
-                entry.update(pair_suspect=a["pair_maps"], pair_suspect_counts=a["pair_counts"],
-                             pair_reference=b["pair_maps"] if b is not None else None,
-                             pair_reference_counts=b["pair_counts"] if b is not None else None, pair_distance=pd)
-                pair_raw.append(pd)
-                pair_norm.append(pd / pd.nanmedian().clamp_min(1e-12))
-            if stamp is not None:
-                mask, value = stamp_images[name]
-                entry.update(stamp_rate=stamp[name], stamp=torch.where(mask, value, torch.full_like(value, 0.5)))
-            per_setting[name] = entry
-        if stamp is not None:
-            # the best setting counts: a stamp that works from one kind of start is enough (noise starts
-            # rarely draw a patch trigger, and averaging would halve the data starts' signal)
-            class_stat = torch.stack([stamp[name] for name in suspect]).amax(0)
-            # shares near 0 for most classes make the MAD tiny: floor the scale at min_flip / 4
-            class_anomaly = mad_anomaly_index(class_stat, min_scale=self.min_flip / 4).float()
-            hit = (class_anomaly > self.threshold) & (class_stat >= self.min_flip)
-        else:
-            class_stat = torch.stack(class_norm).mean(0)
-            class_anomaly = mad_anomaly_index(class_stat).float()
-            hit = class_anomaly > self.threshold
-        flagged = [int(c) for c in torch.nonzero(hit).flatten().tolist()]
-        flagged.sort(key=lambda c: -float(class_anomaly[c]))
-        flagged_pairs: list[tuple[int, int]] = []
-        pair_stat = pair_anomaly = None
-        if pair_norm:
-            pair_stat = torch.stack(pair_norm).mean(0)
-            pair_anomaly = mad_anomaly_index(pair_stat.flatten()).view(k, k).float()
-            flagged_pairs = [(int(s), int(t)) for s, t in torch.nonzero(pair_anomaly > self.pair_threshold).tolist()]
-            flagged_pairs.sort(key=lambda st: -float(pair_anomaly[st]))
-        log.info("bias maps (%s reference): %d settings (alg. I %.1f s, alg. II %.1f s); flagged classes %s, pairs %s",
-                 "a" if reference is not None else "no", len(suspect), t1, t2, flagged, flagged_pairs)
-        return InspectionResult(
-            backdoored=bool(flagged), flagged_pairs=flagged_pairs, flagged_targets=flagged,
-            scores=class_stat.float(), anomaly=class_anomaly, patterns=None,
-            details={
-                "bias_maps": per_setting, "reference": "model" if reference is not None else "none",
-                "statistic": used,
-                "class_distance": torch.stack(class_raw).mean(0), "class_statistic": class_stat.float(),
-                "pair_distance": torch.stack(pair_raw).mean(0) if pair_raw else None,
-                "pair_statistic": pair_stat, "pair_anomaly": pair_anomaly,
-                "top_class": int(class_stat.argmax()), "settings": list(suspect),
-                "seconds": t1 + t2, "seconds_algorithm1": t1, "seconds_algorithm2": t2,
-            },
-        )
+    def summary(self, result: InspectionResult) -> dict:
+        d = result.details
+        k = len(d["class_distance"])
+        pair_a = d.get("pair_anomaly")
+        top_pairs = []
+        if pair_a is not None:
+            a = pair_a.clone()
+            a[~a.isfinite()] = -float("inf")
+            for i in a.flatten().argsort(descending=True)[:5].tolist():
+                s, t = divmod(int(i), k)
+                top_pairs.append({"source": s, "target": t, "distance": float(d["pair_distance"][s, t]),
+                                  "anomaly_index": float(pair_a[s, t])})
+        return {
+            "flagged_classes": result.flagged_targets,
+            "class_distance": [round(float(v), 6) for v in d["class_distance"]],
+            "class_statistic": [round(float(v), 6) for v in d["class_statistic"]],
+            "anomaly_index": [round(float(v), 4) for v in result.anomaly], "top_class": d["top_class"],
+            "top_pairs": top_pairs, "reference": d["reference"], "settings": d["settings"], "statistic": d["statistic"],
+            "percent": {n: [round(float(v), 3) for v in e["suspect_percent"]] for n, e in d["bias_maps"].items()},
+            "seconds_algorithm1": round(d["seconds_algorithm1"], 3), "seconds_algorithm2": round(d["seconds_algorithm2"], 3),
+        }

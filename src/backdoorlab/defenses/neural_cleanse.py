@@ -50,7 +50,7 @@ class NeuralCleanse(Inspector):
     chunk: int = Field(256, ge=1, description="images per forward pass")
     seed: int = 0
 
-    def inspect(self, model: nn.Module, clean: ImageSet) -> InspectionResult:
+    def inspect(self, model: nn.Module, clean: ImageSet, *, reference: nn.Module | None = None) -> InspectionResult:
         check_model_matches(model, clean)
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(self.seed)
@@ -105,6 +105,7 @@ class NeuralCleanse(Inspector):
         log.info("neural cleanse: %d targets, %.1f s, flagged %s", k, time.perf_counter() - t0, flagged)
         return InspectionResult(
             backdoored=bool(flagged), flagged_pairs=[], flagged_targets=flagged, scores=norms, anomaly=anomaly,
-            patterns=best_m * best_p,
+            patterns=best_m * best_p, threshold=self.threshold,
+            threshold_source=f"MAD anomaly index of the mask L1 norms > {self.threshold:g}",
             details={"masks": best_m, "reached": found, "seconds": time.perf_counter() - t0},
         )

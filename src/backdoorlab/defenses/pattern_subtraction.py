@@ -10,36 +10,32 @@ Paper: T. Ambadkar, "Detecting backdoor poisoning patterns and identifying poiso
   ``delta`` can be given instead.
 - Label correction (``relabel``): ``"prediction"`` is the seed's rule, the label predicted on
   [x - v]. Its accuracy is capped by the victim's own accuracy on those images (never seen with
-  their true label): 98.74% on seed 000's setting, where the seed reports 100%. ``"auto"``
-  (default) also uses what the inspector found: a flagged pair (s, t) says that the poison
-  labelled t was made from images of s, so a sample flagged under target t gets the most probable
-  class on [x - v] *among the sources of the flagged pairs with target t* (with one flagged pair,
-  s itself). Where the per-target rule flags t (an all-to-one attack makes the whole column small:
-  the poison may come from any class, and only some of its pairs may be flagged), the most
-  probable class other than t is taken instead. ``"source"`` always restricts to the flagged
-  sources. The seed's figure is reported beside ours in benchmarks/bench_inspect.py.
+  their true label). ``"auto"`` (default) also uses what the inspector found: a flagged pair
+  (s, t) says that the poison labelled t was made from images of s, so a sample flagged under
+  target t gets the most probable class on [x - v] *among the sources of the flagged pairs with
+  target t* (with one flagged pair, s itself). Where the per-target rule flags t (an all-to-one
+  attack makes the whole column small: the poison may come from any class, and only some of its
+  pairs may be flagged), the most probable class other than t is taken instead. ``"source"``
+  always restricts to the flagged sources. The seed's figure is reported beside ours in
+  benchmarks/bench_inspect.py.
 
 Deviations, and why:
 - v is the pattern of each pair the inspector flagged (run here with the pairwise inspector
   unless patterns are passed in); as in the seed's code, only its positive part clamp(v, 0, 1) is
   subtracted (the negative part erases the source digit; it is not part of any stamp).
 - Amplitude and support: the inspector's pattern is the *smallest* perturbation that flips the
-  source class, weaker than the stamp (0.8 where the planted patch is 1.0) and with faint noise
-  elsewhere; subtracting it leaves enough trigger behind. We keep its support (entries of at
-  least ``support`` times its peak) and scale it to peak 1 (the "normalised pattern" of the seed's
-  figure 3) before subtracting. ``support=0`` with ``normalise=False`` is the seed's subtraction.
-- Dilation: the smallest pattern that flips the pair often needs only part of the stamp (2 of the
-  4 pixels of seed 000's 2x2 patch on our victim); subtracting only that part leaves enough of the
-  stamp for the backdoor to fire on some samples. The support is widened by ``dilate`` pixels
-  (a max filter) before subtracting. Seed 000's setting on full MNIST (bench_inspect.py, seed 0):
-  technique 2 TPR 0.927 -> 0.998, label correction 0.897 -> 0.987, FPR 0 in both; 0.987 is also
-  the victim's accuracy on the same samples with the true patch zeroed, the ceiling of any
-  correction by the victim's prediction.
+  source class, weaker than the stamp and with faint noise elsewhere; subtracting it leaves enough
+  trigger behind. We keep its support (entries of at least ``support`` times its peak) and scale it
+  to peak 1 (the "normalised pattern" of the seed's figure 3) before subtracting. ``support=0``
+  with ``normalise=False`` is the seed's subtraction.
+- Dilation: the smallest pattern that flips the pair often needs only part of the stamp;
+  subtracting only that part leaves enough of the stamp for the backdoor to fire on some samples.
+  The support is widened by ``dilate`` pixels (a max filter) before subtracting.
 - Alignment: a CNN with pooling also answers to a trigger shifted by a pixel or two, and the
-  estimated pattern often lands beside the true one (on seed 000's setting ours sat two columns
-  left of the planted 2x2 patch), so subtracting it would miss the stamp. Before subtracting, the
-  pattern is shifted by up to ``max_shift`` pixels to the offset that changes the prediction of the
-  most target-labelled training samples (a search over at most ``search_samples`` of them).
+  estimated pattern often lands beside the true one, so subtracting it would miss the stamp.
+  Before subtracting, the pattern is shifted by up to ``max_shift`` pixels to the offset that
+  changes the prediction of the most target-labelled training samples (a search over at most
+  ``search_samples`` of them).
 - All-to-one attacks: the inspector may flag the target by its per-target rule (its whole column
   of patterns is small) while no single pair passes the pair threshold; the seed's procedure then
   has no pattern to subtract. For each such target the column's smallest pattern that reached pi
@@ -47,14 +43,15 @@ Deviations, and why:
   search to one pass).
 - Pairs that are not poisoning patterns: "removing the backdoor pattern will not affect the model
   decision if it is not present" (seed 000, 5.1). For a planted pair the confidence drops of the
-  samples labelled t split into two tight clusters, ~0 (clean) and ~1 (poison): Otsu's
-  separability 0.999 on mnist5k 7 -> 1. A natural pair the inspector flagged by mistake lowers
-  the confidence of every sample of t (separability 0.73-0.86 for the two such pairs on the same
-  victim, which had flagged 163 and 225 clean samples, FPR 0.116 -> 0). Pairs under
-  ``min_separation`` are skipped, with a warning.
+  samples labelled t split into two tight clusters, ~0 (clean) and ~1 (poison), so Otsu's
+  separability is near 1; a natural pair the inspector flagged by mistake lowers the confidence of
+  every sample of t, and its separability is lower. Pairs under ``min_separation`` are skipped,
+  with a warning.
 - Only samples whose label is the flagged pair's target are examined: a sample poisoned by an
   s -> t attack carries label t, so the others cannot be its poison, and examining them only adds
   false positives. ``all_samples=True`` examines every sample, as the seed does.
+
+Measurements: docs/pairwise-audit.md.
 """
 
 from __future__ import annotations
@@ -68,7 +65,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import nn
 
-from backdoorlab.defenses.base import DEFENSES, CleanseResult, Cleanser, InspectionResult
+from backdoorlab.defenses.base import DEFENSES, CleanseResult, Cleanser, InspectionResult, Inspector
 from backdoorlab.defenses.common import check_model_matches
 from backdoorlab.errors import BackdoorLabError
 from backdoorlab.train import predict_logits
@@ -148,16 +145,36 @@ class PatternSubtraction(Cleanser):
                 best, best_flips = (dy, dx), flips
         return _shift(v, *best), best
 
-    def cleanse(self, model: nn.Module, data: ImageSet, clean: ImageSet | None = None,
+    def figures(self, result: CleanseResult, truth: torch.Tensor | None = None) -> dict[str, bytes]:
+        from backdoorlab.plots import score_histogram
+
+        if truth is not None:
+            return super().figures(result, truth)
+        examined = result.scores != 0
+        if not bool(examined.any()):
+            return {}
+        return {"score_histogram": score_histogram(result.scores[examined], result.threshold,
+                                                   xlabel="p(y|x) - p(y|[x - v])",
+                                                   title="confidence drop when the estimated trigger is removed")}
+
+    def summary(self, result: CleanseResult) -> dict:
+        d = result.details
+        return {"technique": self.technique, "relabel": self.relabel, "examined": int(d.get("examined", 0)),
+                "pairs": [list(p) for p in d.get("pairs", [])]}
+
+    def inspector(self) -> Inspector:
+        from backdoorlab.defenses.pairwise import PairwiseTriggerInspector
+
+        return PairwiseTriggerInspector(images_per_class=self.images_per_class, seed=self.seed)
+
+    def cleanse(self, model: nn.Module, data: ImageSet, *, clean: ImageSet | None = None,
                 inspection: InspectionResult | None = None) -> CleanseResult:
         """Score every sample of ``data``; ``clean`` feeds the inspector unless ``inspection`` is given."""
         check_model_matches(model, data)
         if inspection is None:
             if clean is None:
                 raise BackdoorLabError("pattern subtraction needs a clean set (to estimate the triggers) or an inspection result")
-            from backdoorlab.defenses.pairwise import PairwiseTriggerInspector
-
-            inspection = PairwiseTriggerInspector(images_per_class=self.images_per_class, seed=self.seed).inspect(model, clean)
+            inspection = self.inspector().inspect(model, clean)
         n = len(data)
         scores = torch.zeros(n)
         changed = torch.zeros(n, dtype=torch.bool)

@@ -1,4 +1,4 @@
-"""``backdoorlab bench`` and ``backdoorlab report`` (registered on the typer app of :mod:`backdoorlab.cli`)."""
+"""``backdoorlab bench`` (run a grid) and ``backdoorlab report`` (write a grid's or a run's report)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import Any, List, Optional
 import typer
 from rich.table import Table
 
-from backdoorlab.cli import JsonOpt, StoreOpt, _fmt, _print_json, _setup_logging, _write_dir_atomically, app, err, handles_errors, out
-from backdoorlab.errors import BackdoorLabError
+from backdoorlab.cli.common import JsonOpt, StoreOpt, err, fmt, handles_errors, out, print_json, setup_logging
 
 
 class GridProgress:
@@ -68,7 +67,10 @@ class GridProgress:
             self.bar = None
 
 
-@app.command()
+_KEYS = ("clean_accuracy", "attack_success_rate", "der", "tpr", "fpr", "frr", "far", "auroc")
+_SHORT = {"clean_accuracy": "CA", "attack_success_rate": "ASR"}
+
+
 @handles_errors
 def bench(
     grid: Path = typer.Argument(..., help="grid YAML (see configs/grids/)"),
@@ -83,52 +85,31 @@ def bench(
 ) -> None:
     """Run a grid (data sets x models x attacks x defenses x seeds): each victim trained once, every
     defense run against it, every cell stored; an interrupted grid resumes where it stopped."""
-    from backdoorlab.bench import run_grid
-    from backdoorlab.engines import make_engine
-    from backdoorlab.grid import load_grid
-    from backdoorlab.store import Store
+    from backdoorlab import api
 
-    _setup_logging(verbose)
-    g = load_grid(grid, set_)  # every name and parameter checked before anything runs
-    st = Store(store)
-    eng = make_engine(engine, workers, address)
-    progress = GridProgress()
-    try:
-        summary = run_grid(g, st, eng, progress, lock_wait=wait)
-    finally:
-        progress.close()
-        eng.close()
-    from backdoorlab.cellstore import CellStore
-
-    rows = CellStore(st).cells(g.name)
-    recs = CellStore(st).records(rows)
-    keys = ("clean_accuracy", "attack_success_rate", "der", "tpr", "fpr", "frr", "far", "auroc")
-    results = [{"cell_id": r.cell_id, "data": r.data, "model": r.model, "attack": r.attack, "defense": r.defense,
-                "family": r.family, "seed": r.seed, "status": r.status, "run_id": r.run_id, "error": r.error,
-                "metrics": recs[r.cell_id].metrics if r.cell_id in recs else {}} for r in rows
-               if r.cell_id in {c.cell_id for c in g.cells}]
-    result = {**summary.as_dict(), "store": str(st.root), "results": results}
+    setup_logging(verbose)
+    res = api.bench(grid, store=store, engine=engine, workers=workers, address=address, overrides=set_, wait=wait,
+                    progress=GridProgress())
+    s = res.summary
     if as_json:
-        _print_json(result)
+        print_json(res.to_dict())
     else:
-        t = Table(title=f"grid {g.name}: {summary.done} run, {summary.skipped} skipped, {summary.failed} failed "
-                        f"({summary.seconds:.1f} s, {eng.describe()})")
-        for col in ("data", "model", "attack", "defense", "seed", "status", *keys):
-            t.add_column(col.replace("_", " ") if col not in ("clean_accuracy", "attack_success_rate") else
-                         {"clean_accuracy": "CA", "attack_success_rate": "ASR"}[col], justify="right")
-        for r in results:
+        t = Table(title=f"grid {res.grid.name}: {s.done} run, {s.skipped} skipped, {s.failed} failed "
+                        f"({s.seconds:.1f} s, {res.engine})")
+        for col in ("data", "model", "attack", "defense", "seed", "status", *_KEYS):
+            t.add_column(_SHORT.get(col, col.replace("_", " ")), justify="right")
+        for r in res.results:
             m = r["metrics"]
             t.add_row(r["data"], r["model"], r["attack"], r["defense"], str(r["seed"]), r["status"],
-                      *(_fmt(m[k]) if k in m else "" for k in keys))
+                      *(fmt(m[k]) if k in m else "" for k in _KEYS))
         out.print(t)
-        out.print(f"store: {st.root}; `backdoorlab report {g.name}` writes the report")
-    if summary.failed:
-        err.print(f"[bold red]error:[/bold red] {summary.failed} cell(s) failed; fix the cause and rerun the same command "
+        out.print(f"store: {res.store.root}; `backdoorlab report {res.grid.name}` writes the report")
+    if s.failed:
+        err.print(f"[bold red]error:[/bold red] {s.failed} cell(s) failed; fix the cause and rerun the same command "
                   "to retry them (finished cells are kept)", markup=True, highlight=False)
         raise typer.Exit(1)
 
 
-@app.command()
 @handles_errors
 def report(
     target: Optional[str] = typer.Argument(None, help="a grid name or a run id (default: the latest grid, else the latest run)"),
@@ -138,23 +119,12 @@ def report(
 ) -> None:
     """Write an HTML page (self-contained), Markdown, CSV and JSON: CA/ASR before and after each
     defense with DER, detector tables, published figures beside ours, and every figure."""
-    from backdoorlab.report import build_report, collect
-    from backdoorlab.store import Store
+    from backdoorlab import api
 
-    st = Store(store)
-    if not st.db_path.exists():
-        raise BackdoorLabError(f"no results store at {st.root}; run `backdoorlab bench` first or pass --store")
-    files = build_report(st, target)
-    import json as _json
-
-    doc = _json.loads(files["report.json"])
-    folder = out_dir or Path(f"report-{doc['name'].replace('/', '_')}")
-    _write_dir_atomically(folder, files)
-    result = {"kind": doc["kind"], "name": doc["name"], "out": str(folder), "html": str(folder / "report.html"),
-              "markdown": str(folder / "report.md"), "csv": str(folder / "cells.csv"), "json": str(folder / "report.json"),
-              "cells": doc["cells_total"], "cells_done": doc["cells_done"],
-              "figures": sum(1 for k in files if k.startswith("figures/"))}
+    rep = api.report(target, store=store)
+    folder = rep.write(out_dir)
     if as_json:
-        _print_json(result)
+        print_json(rep.to_dict())
         return
-    out.print(f"report of {doc['kind']} {doc['name']} ({doc['cells_done']}/{doc['cells_total']} cells): {folder / 'report.html'}")
+    d = rep.doc
+    out.print(f"report of {d['kind']} {d['name']} ({d['cells_done']}/{d['cells_total']} cells): {folder / 'report.html'}")

@@ -1,0 +1,89 @@
+"""Repairer ``fine-tuning``: a few epochs of SGD on the clean held-out set with a small learning rate.
+
+Paper: K. Liu, B. Dolan-Gavitt, S. Garg, "Fine-Pruning: Defending Against Backdooring Attacks on
+Deep Neural Networks", RAID 2018 (arXiv:1805.12185), where fine-tuning alone is the baseline that
+fine-pruning (:mod:`backdoorlab.defenses.pruning`) extends; seed 001 (Kashyap, Maheshwari,
+Gahalot) fine-tunes after pruning.
+
+Algorithm: a copy of the model is trained for ``epochs`` epochs on the defender's clean held-out
+set (SGD with momentum ``momentum`` and ``weight_decay``, cosine schedule from ``lr``; optional
+random-crop ``crop_padding`` and ``flip`` augmentation), nothing pruned. :func:`_fine_tune` is the
+same fine-tuning that ``fine-pruning`` runs, there with its pruned parameters re-zeroed after
+every optimiser step.
+
+Deviations, and why:
+- *Small learning rate, few epochs* (``lr`` 0.01, ``epochs`` 5, sized for CPU): the model is
+  already trained and the held-out set is small.
+- *The curve* has two rows at pruned fraction 0 (``finetuned`` = 0 before, 1 after), so that it
+  reads like the pruning repairers' curves and shares their report hooks.
+
+``repair(model, clean, *, evaluate=None)``: ``clean`` is the defender's clean held-out set; the
+optional ``evaluate`` callback (CA and ASR on the caller's test sets) only adds them to the curve
+and never influences the repair. The input model is not modified.
+
+Measurements: docs/repair-and-strip.md.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+from torch import nn
+
+from backdoorlab.defenses._pruning_ops import _CONFIG, _check_sets, _CurveHooks, _Evaluator, _summary, apply_masks
+from backdoorlab.defenses.base import DEFENSES, Evaluate, RepairResult, Repairer
+from backdoorlab.types import ImageSet
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class _TuneParams:
+    epochs: int = Field(5, ge=1, le=1000, description="fine-tuning epochs on the clean held-out set")
+    lr: float = Field(0.01, gt=0, le=1, description="fine-tuning learning rate (small: the model is already trained)")
+    tune_batch_size: int = Field(64, ge=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    crop_padding: int = Field(0, ge=0, description="random-crop augmentation while fine-tuning (0: off)")
+    flip: bool = False
+    seed: int = Field(0, ge=0)
+
+
+def _fine_tune(t: _TuneParams, model: nn.Module, clean: ImageSet, masks: dict[str, torch.Tensor] | None) -> tuple[nn.Module, dict]:
+    """A fine-tuned copy of ``model`` (masked parameters re-zeroed after every optimiser step)."""
+    from backdoorlab.train import TrainConfig, train
+
+    tuned = copy.deepcopy(model)
+    cfg = TrainConfig(epochs=t.epochs, batch_size=t.tune_batch_size, lr=t.lr, momentum=t.momentum,
+                      weight_decay=t.weight_decay, schedule="cosine", crop_padding=t.crop_padding, flip=t.flip)
+
+    def keep_pruned(event: str, **_info: Any) -> None:
+        if event == "step" and masks:
+            apply_masks(tuned, masks)
+
+    hist = train(tuned, clean, cfg, seed=t.seed, callbacks=(keep_pruned,))
+    tuned.eval()
+    return tuned, hist.as_dict()
+
+
+@DEFENSES.register("fine-tuning", "fine-tuning on the clean held-out set with a small learning rate")
+@dataclass(frozen=True, config=_CONFIG)
+class FineTuning(_CurveHooks, _TuneParams, Repairer):
+    """Fine-tune a copy on the clean held-out set. The curve has two rows (before, after)."""
+
+    batch_size: int = Field(256, ge=1, description="evaluation batch size")
+
+    def repair(self, model: nn.Module, clean: ImageSet, *, evaluate: Evaluate | None = None) -> RepairResult:
+        _check_sets(model, clean)
+        ev = _Evaluator(clean, evaluate, self.batch_size)
+        base = copy.deepcopy(model).eval()
+        before = ev(base)
+        tuned, hist = _fine_tune(self, base, clean, None)
+        after = ev(tuned)
+        zero = {"fraction": 0.0, "pruned_fraction": 0.0, "pruned": 0.0}
+        curve = [{**zero, "finetuned": 0.0, **before}, {**zero, "finetuned": 1.0, **after}]
+        details = {"method": "fine-tuning", "chosen_fraction": 0.0, "pruned_fraction": 0.0, "pruned": 0,
+                   "history": hist, **_summary(before, after)}
+        return RepairResult(tuned, curve, details)
