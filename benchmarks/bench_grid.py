@@ -9,7 +9,7 @@
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/bench_grid.py [--skip-ray] [--skip-seed000]
         [--seed000-engine local --seed000-workers 2]
 
-Run from the repository root with shared/ beside it (part 2).
+Part 2 reads full MNIST through $BACKDOORLAB_DATA (set here to the shared data folder).
 """
 
 from __future__ import annotations
@@ -76,14 +76,14 @@ def ray_speedup() -> None:
 
 
 def seed000(engine: str, workers: int) -> None:
-    need_shared()
+    shared = need_shared()
     with tempfile.TemporaryDirectory(prefix="bench-grid-seed000-") as d:
         cmd = [sys.executable, "-c", "from backdoorlab.cli import main; main()", "bench",
                str(ROOT / "configs" / "grids" / "seed000_mnist.yaml"), "--store", d, "--engine", engine,
                "--workers", str(workers), "--json"]
         print(f"-- seed-000 grid on full MNIST, end to end (CLI start-up included), --engine {engine} --workers {workers}")
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
+        p = subprocess.run(cmd, cwd=d, capture_output=True, text=True, env={**os.environ, "BACKDOORLAB_DATA": str(shared)})
         wall = time.perf_counter() - t0
         if p.returncode != 0:
             print(p.stderr[-3000:])

@@ -96,7 +96,7 @@ def main() -> None:
         return all_to_one(args.images_per_class)
     header("bench_inspect: seed 000 on full MNIST")
     st = Store()
-    cfg = load_config(ROOT / "configs" / "seed000_mnist.yaml", [f"data.path={shared / 'mnist' / 'mnist.npz'}"])
+    cfg = load_config(ROOT / "configs" / "seed000_mnist.yaml", [f"data.root={shared}"])
     prep = prepare(cfg)
     model, _, cached = train_victim(cfg, prep, st)
     model.eval()
@@ -149,7 +149,7 @@ def main() -> None:
 
     for i in range(args.clean_models):
         ccfg = load_config(ROOT / "configs" / "seed000_mnist.yaml",
-                           [f"data.path={shared / 'mnist' / 'mnist.npz'}", "attack=null", f"seed={100 + i}"])
+                           [f"data.root={shared}", "attack=null", f"seed={100 + i}"])
         cprep = prepare(ccfg)
         cm, _, _ = train_victim(ccfg, cprep, st)
         r = DEFENSES.create("pairwise", images_per_class=args.images_per_class).inspect(cm.eval(), cprep.splits.test)

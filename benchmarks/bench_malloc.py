@@ -35,7 +35,7 @@ def child(ipc: int, train_images: int) -> None:
     from backdoorlab.train import TrainConfig, train
 
     shared = need_shared()
-    cfg = load_config(ROOT / "configs" / "seed000_mnist.yaml", [f"data.path={shared / 'mnist' / 'mnist.npz'}"])
+    cfg = load_config(ROOT / "configs" / "seed000_mnist.yaml", [f"data.root={shared}"])
     prep = prepare(cfg)
     model, _, _ = train_victim(cfg, prep, Store())
     t0 = time.perf_counter()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from backdoorlab.errors import BackdoorLabError, format_validation_error
 from backdoorlab.train import TrainConfig
@@ -72,6 +72,15 @@ class ExperimentConfig(BaseModel):
     attack: Optional[AttackSection] = AttackSection()
     train: TrainConfig = TrainConfig(epochs=10)
     defenses: list[DefenseSection] = Field(default_factory=list, description="defenses run against the victim")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _attack_defaults(cls, doc: Any) -> Any:
+        """Keys the user left out take the attack's own defaults for the data set's kind (mode, rate,
+        strength, train.epochs): :func:`backdoorlab.attacks.base.apply_attack_defaults`."""
+        from backdoorlab.attacks import apply_attack_defaults
+
+        return apply_attack_defaults(doc)
 
     def check_components(self) -> None:
         """Check component names and parameters against the registries (no data loaded)."""

@@ -62,6 +62,9 @@ class GridSpec(BaseModel):
     defenses: list[dict[str, Any]] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=lambda: [0])
     overrides: list[CellOverride] = Field(default_factory=list)
+    sample: Optional[int] = Field(None, ge=1, description="population: keep every clean victim (attack null) and this many "
+                                  "backdoored victims drawn from the product with sample_seed")
+    sample_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -305,4 +308,10 @@ def expand(spec: GridSpec, where: str = "grid") -> Grid:
         raise BackdoorLabError(f"{where}: {len(errors)} invalid cell(s): " + "; ".join(shown))
     if not groups:
         raise BackdoorLabError(f"{where}: grid {spec.name!r} has no cells")
+    if spec.sample is not None:  # a population: all clean victims, a seeded draw of the backdoored ones
+        import random
+
+        bad = [i for i, g in enumerate(groups) if g.victim.config.attack is not None]
+        keep = set(random.Random(spec.sample_seed).sample(bad, min(spec.sample, len(bad))))
+        groups = [g for i, g in enumerate(groups) if g.victim.config.attack is None or i in keep]
     return Grid(spec, tuple(groups))

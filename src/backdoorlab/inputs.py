@@ -1,6 +1,6 @@
 """Resolve what users point commands at: data (an .npz file, an image folder, a registered data
-set name) and models (a TorchScript file, safetensors weights with or without a spec, or a
-registered architecture). Shared by ``audit``, ``guard``, ``repair``, ``biasmaps``, ... so that
+set name) and models (safetensors weights with or without a spec, a torch.export program, a
+TorchScript file). The checks themselves live in :mod:`backdoorlab.validate`. Shared by ``audit``, ``guard``, ``repair``, ``biasmaps``, ... so that
 every command accepts the same inputs."""
 
 from __future__ import annotations

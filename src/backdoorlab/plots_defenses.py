@@ -68,3 +68,28 @@ def entropy_histogram(clean: torch.Tensor, other: torch.Tensor, *, boundary: flo
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return _to_png(fig)
+
+
+def repair_summary(agg: list) -> bytes | None:
+    """ASR (and CA) before and after each repairing defense, one bar group per attack x defense
+    (``agg``: the report's seed-averaged rows of repairing defenses)."""
+    if not agg:
+        return None
+    plt = _plt()
+    agg.sort(key=lambda r: (r.data, r.model, r.attack, r.defense))
+    labels = [f"{r.attack}\n{r.defense}" + (f"\n{r.data}/{r.model}" if len({(x.data, x.model) for x in agg}) > 1 else "")
+              for r in agg]
+    xs = range(len(agg))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(agg) + 2), 3.6))
+    w = 0.2
+    series = [("CA before", "clean_accuracy_before", "#9ecae1"), ("CA after", "clean_accuracy", "#3182bd"),
+              ("ASR before", "attack_success_rate_before", "#fdae6b"), ("ASR after", "attack_success_rate", "#e6550d")]
+    for i, (name, key, color) in enumerate(series):
+        ax.bar([x + (i - 1.5) * w for x in xs], [r.metrics.get(key, 0.0) for r in agg], w, label=name, color=color)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fraction")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, 1.18))
+    ax.grid(axis="y", alpha=0.3)
+    return _to_png(fig)

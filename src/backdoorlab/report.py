@@ -259,39 +259,15 @@ def tables(rows: list[Row], used: dict[str, Published]) -> list[Table]:
                          [[r.data, r.model, r.attack, r.defense, str(r.n), *(_fmt(r.metrics.get(k), r.spread.get(k)) for k in INPUT_DETECTOR_KEYS),
                            _pub(r.config, "paper", ("frr", "far"), used), *(_fmt(r.metrics.get(k), r.spread.get(k)) for k in own)]
                           for r in sorted(inp, key=lambda r: (r.data, r.model, r.attack, r.defense))]))
+    from backdoorlab.population import tables as population_tables
+
+    out += [Table(*t) for t in population_tables(rows)]  # ROC / calibrated verdicts when the grid is a population
     bad = [r for r in rows if r.status != "done"]
     if bad:
         out.append(Table("unfinished", "Cells not finished (rerun `backdoorlab bench` to resume)",
                          ["data", "model", "attack", "defense", "seed", "status", "error"],
                          [[r.data, r.model, r.attack, r.defense, str(r.seed), r.status, r.error] for r in bad]))
     return out
-
-
-def summary_figure(rows: list[Row]) -> bytes | None:
-    """ASR (and CA) before and after each repairing defense, one bar group per attack x defense."""
-    agg = [r for r in aggregate(rows) if r.family in REPAIR_FAMILIES and "attack_success_rate" in r.metrics]
-    if not agg:
-        return None
-    from backdoorlab.plots import _plt, _to_png
-
-    plt = _plt()
-    agg.sort(key=lambda r: (r.data, r.model, r.attack, r.defense))
-    labels = [f"{r.attack}\n{r.defense}" + (f"\n{r.data}/{r.model}" if len({(x.data, x.model) for x in agg}) > 1 else "")
-              for r in agg]
-    xs = range(len(agg))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(agg) + 2), 3.6))
-    w = 0.2
-    series = [("CA before", "clean_accuracy_before", "#9ecae1"), ("CA after", "clean_accuracy", "#3182bd"),
-              ("ASR before", "attack_success_rate_before", "#fdae6b"), ("ASR after", "attack_success_rate", "#e6550d")]
-    for i, (name, key, color) in enumerate(series):
-        ax.bar([x + (i - 1.5) * w for x in xs], [r.metrics.get(key, 0.0) for r in agg], w, label=name, color=color)
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(labels, fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("fraction")
-    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, 1.18))
-    ax.grid(axis="y", alpha=0.3)
-    return _to_png(fig)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -335,7 +311,9 @@ def build_report(store: Store, target: str | None = None) -> dict[str, bytes]:
     generated = time.strftime("%Y-%m-%d %H:%M:%S")
     n_done = sum(r.status == "done" for r in rows)
     files: dict[str, bytes] = {}
-    summary_png = summary_figure(rows)
+    from backdoorlab.plots_defenses import repair_summary
+
+    summary_png = repair_summary([r for r in aggregate(rows) if r.family in REPAIR_FAMILIES and "attack_success_rate" in r.metrics])
     # HTML
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_CSS}</style></head><body>",
@@ -345,6 +323,13 @@ def build_report(store: Store, target: str | None = None) -> dict[str, bytes]:
         parts.append("<h2>CA and ASR before / after</h2><div class='sum'><img id='summary-figure' alt='CA and ASR before and "
                      f"after each defense' src='data:image/png;base64,{base64.b64encode(summary_png).decode()}'></div>")
     parts += [_html_table(t) for t in tabs]
+    from backdoorlab.population import roc_figure, summarise
+
+    roc_png = roc_figure(summarise(rows))
+    if roc_png is not None:
+        files["figures/population_roc.png"] = roc_png
+        parts.append("<h2>Population ROC</h2><img id='population-roc' alt='ROC of the model-level detectors over the "
+                     f"population' src='data:image/png;base64,{base64.b64encode(roc_png).decode()}'>")
     if used:
         parts.append("<h2>Sources of the published figures</h2><ol class='note'>" +
                      "".join(f"<li>{html.escape(s.split('] ', 1)[1])}</li>" for s in _sources(used)) + "</ol>")
@@ -352,7 +337,7 @@ def build_report(store: Store, target: str | None = None) -> dict[str, bytes]:
     if summary_png is not None:
         files["figures/summary.png"] = summary_png
         md += ["![CA and ASR before / after](figures/summary.png)", ""]
-    md += [_md_table(t) for t in tabs]
+    md += [_md_table(t) for t in tabs] + (["![population ROC](figures/population_roc.png)", ""] if roc_png else [])
     if used:
         md += ["## Sources of the published figures", ""] + [f"- {s}" for s in _sources(used)] + [""]
     fig_html, fig_md = [], []

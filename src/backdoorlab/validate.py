@@ -77,8 +77,11 @@ def _sniff(head: bytes) -> str:
 
 
 def _head(path: Path, n: int = 16) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read(n)
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except OSError as exc:
+        raise BackdoorLabError(f"{path} cannot be read ({exception_summary(exc)}); check its permissions") from None
 
 
 def existing_file(path: str | Path, what: str, hint: str) -> Path:
@@ -235,6 +238,7 @@ def model_format(path: str | Path) -> str:
     file's content; anything else (a pickle, a ``torch.save`` checkpoint, ...) is refused unread."""
     p = existing_file(path, "model", MODEL_HELP)
     size = p.stat().st_size
+    _head(p)  # readable?
     with open(p, "rb") as fh:
         head = fh.read(8)
         if len(head) == 8 and head[:2] != b"PK":
@@ -348,7 +352,10 @@ def read_yaml(path: str | Path, what: str) -> Any:
         raise BackdoorLabError(f"{what} {p} is a folder; give a YAML file")
     if not p.is_file():
         raise BackdoorLabError(f"{what} file not found: {p}")
-    raw = p.read_bytes()
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise BackdoorLabError(f"{what} {p} cannot be read ({exception_summary(exc)}); check its permissions") from None
     if b"\x00" in raw[:4096]:
         kind = _sniff(raw[:16])
         kind = "a binary file" if kind == "a text file" else kind

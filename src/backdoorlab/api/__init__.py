@@ -7,12 +7,14 @@
 >>> report.backdoored, report.flagged_pairs            # doctest: +SKIP
 (True, [(0, 2)])
 
-Models and data may be given as paths (TorchScript / safetensors files; .npz files, image
-folders, data set names) or as loaded objects (``torch.nn.Module``, :class:`ImageSet`). Each
+Models and data may be given as paths (safetensors, torch.export ``.pt2`` or TorchScript files;
+.npz files, image folders, data set names) or as loaded objects (``torch.nn.Module``, :class:`ImageSet`). Each
 function returns a typed result: the family's result from the defense (``.inspection``,
 ``.result``), the main facts as attributes, ``.to_dict()`` (JSON-ready, the keys of the command's
 ``--json``) and ``.write(folder)`` (the report folder: JSON, figures, data files; atomically).
 Ground truth (``is_poison`` in an .npz, a PoisonedSet) is used only to report; no defense sees it.
+Every path is checked by :mod:`backdoorlab.validate` before anything runs: bad input is one
+:class:`~backdoorlab.errors.BackdoorLabError` naming the problem and the fix.
 """
 
 from backdoorlab.api._common import json_ready, load_data, load_model, make_defense

@@ -53,9 +53,10 @@ def load_data(spec: DataLike, *, split: str = "auto", num_classes: int | None = 
 
 
 def load_model(path: ModelLike, *, data: DataLike | None = None, arch: str | None = None) -> nn.Module:
-    """A model from a backdoorlab safetensors file, plain safetensors weights (with ``arch``) or a
-    TorchScript file (which needs ``data``: its classes and image shape), or the module itself.
-    With ``data``, the model is checked against it (classes, image shape)."""
+    """A model from a backdoorlab safetensors file, plain safetensors weights (with ``arch``), a
+    torch.export program (``.pt2``) or a TorchScript file (which needs ``data``: its classes and
+    image shape), or the module itself; the format is told by content, and a pickle is refused
+    unread. With ``data``, the model is checked against it (classes, image shape: one probe batch)."""
     if isinstance(path, nn.Module):
         return path
     if not isinstance(path, (str, Path)):

@@ -95,16 +95,23 @@ def _grid(grid: Any, overrides: list[str]):
 
 
 def bench(grid: Any, *, store: Any = None, engine: str = "local", workers: int | None = None, address: str | None = None,
-          overrides: Iterable[str] = (), wait: float = 0.0, progress: Callable[..., None] | None = None) -> BenchReport:
+          overrides: Iterable[str] = (), wait: float = 0.0, progress: Callable[..., None] | None = None,
+          population: bool = False) -> BenchReport:
     """Run a grid (a YAML path, a dict or a Grid: data sets x models x attacks x defenses x seeds)
     on ``engine`` (local processes, or ray): each victim trained once, every defense run against it,
     every cell stored; cells already done in ``store`` are skipped (resume). ``wait``: seconds to
-    wait for another bench writing the same store. Failed cells are counted, not raised."""
+    wait for another bench writing the same store. Failed cells are counted, not raised.
+    ``population``: the grid is a model population (:mod:`backdoorlab.population`): it must hold clean
+    and backdoored models, two or more seeds and an inspector."""
     from backdoorlab.bench import run_grid
     from backdoorlab.cellstore import CellStore
     from backdoorlab.engines import make_engine
 
     g = _grid(grid, list(overrides))  # every name and parameter checked before anything runs
+    if population:  # clean and backdoored models, two seed halves, an inspector: or one clear error
+        from backdoorlab.population import check_population
+
+        check_population(g.spec)
     st = _store(store)
     eng = make_engine(engine, workers, address)
     described = eng.describe()

@@ -7,12 +7,13 @@ file here, or a plugin (see :mod:`backdoorlab.registry`).
 """
 
 from backdoorlab.attacks.base import (
-    ATTACKS, MODES, Attack, TrainedVictim, TrainingAttack, choose_indices, is_training_attack, poison, poison_test,
-    triggered_test_set,
+    ATTACKS, DATA_KINDS, MODES, Attack, TrainedVictim, TrainingAttack, apply_attack_defaults, attack_defaults,
+    choose_indices, data_kind, is_training_attack, poison, poison_test, triggered_test_set,
 )
 from backdoorlab.registry import discover
 
 discover(__name__)  # register the attacks: every module of this package
 
-__all__ = ["ATTACKS", "MODES", "Attack", "TrainedVictim", "TrainingAttack", "choose_indices", "is_training_attack",
-           "poison", "poison_test", "triggered_test_set"]
+__all__ = ["ATTACKS", "DATA_KINDS", "MODES", "Attack", "TrainedVictim", "TrainingAttack", "apply_attack_defaults",
+           "attack_defaults", "choose_indices", "data_kind", "is_training_attack", "poison", "poison_test",
+           "triggered_test_set"]

@@ -17,7 +17,7 @@ Deviations, and why:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Tuple, Union
+from typing import Any, ClassVar, Literal, Optional, Tuple, Union
 
 import torch
 from pydantic import ConfigDict, Field
@@ -33,6 +33,11 @@ Corner = Literal["bottom-right", "bottom-left", "top-right", "top-left", "center
 @ATTACKS.register("badnets", "BadNets patch (square, ball, image) at a corner/position/random place, or a global chessboard")
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class BadNets(Attack):
+    DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "*": {"mode": "all-to-one", "target": 0, "rate": 0.1, "size": 3},
+        "mnist": {"epochs": 10},
+        "cifar10": {"epochs": 12},
+    }
     shape: Literal["square", "ball", "chessboard", "image"] = "square"
     size: int = Field(3, ge=1, description="patch side in pixels (ignored by chessboard)")
     value: float = Field(1.0, ge=0.0, le=1.0, description="patch pixel value, or chessboard amplitude")

@@ -29,6 +29,13 @@ Two kinds of attack share the :data:`ATTACKS` registry:
 - :class:`TrainingAttack` (training time): it trains the victim itself (reusing
   :func:`backdoorlab.train.train`) and returns a :class:`TrainedVictim`: the model and a trigger
   function, from which :func:`triggered_test_set` builds the triggered test set.
+
+Defaults: every attack declares its natural threat model and settings per data-set kind
+(``DEFAULTS`` / ``defaults(kind)``: ``mnist`` for grey digits, ``cifar10`` for colour 32x32 images;
+mode, rate, strength parameters and the victim's ``epochs``), so that an attack picked by name alone
+works as its paper meant on the data at hand. :func:`apply_attack_defaults` merges them into an
+experiment config where it is validated (:class:`~backdoorlab.config.ExperimentConfig`); keys the
+user sets win. ``backdoorlab list`` shows them.
 """
 
 from __future__ import annotations
@@ -64,6 +71,14 @@ class Attack:
 
     #: modes this attack supports; clean-label-only attacks restrict this
     modes: ClassVar[tuple[str, ...]] = ("all-to-one", "source-specific", "all-to-all", "clean-label")
+    #: its natural threat model and settings per data-set kind (see :func:`attack_defaults`)
+    DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def defaults(cls, kind: str | None) -> dict[str, Any]:
+        """The defaults for data of ``kind`` (:data:`DATA_KINDS`; None: unknown): ``DEFAULTS["*"]``
+        updated with ``DEFAULTS[kind]``. Attack-section keys, plus ``epochs`` (the victim's training)."""
+        return _kind_defaults(cls.DEFAULTS, kind)
 
     def apply_trigger(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -104,6 +119,13 @@ class TrainingAttack:
     """
 
     modes: ClassVar[tuple[str, ...]] = ("all-to-one",)
+    #: as :attr:`Attack.DEFAULTS`
+    DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def defaults(cls, kind: str | None) -> dict[str, Any]:
+        """As :meth:`Attack.defaults`."""
+        return _kind_defaults(cls.DEFAULTS, kind)
 
     def describe(self) -> str:
         return type(self).__name__
@@ -156,6 +178,136 @@ def is_training_attack(name: str) -> bool:
     """True when the registered attack ``name`` is a :class:`TrainingAttack` (no instance built)."""
     factory = ATTACKS.get(name).factory
     return isinstance(factory, type) and issubclass(factory, TrainingAttack)
+
+
+# ----------------------------------------------------------------------------- defaults per data kind
+#: the data-set kinds attacks declare defaults for: ``mnist`` (grey digits: mnist5k, mnist, digits, any
+#: 1-channel data) and ``cifar10`` (colour 32x32: cifar10, gtsrb, any 3-channel data)
+DATA_KINDS: tuple[str, ...] = ("mnist", "cifar10")
+#: registry name -> kind, for the built-in sources; others are told by their image channels
+DATASET_KINDS: dict[str, str] = {"mnist5k": "mnist", "mnist": "mnist", "digits": "mnist", "cifar10": "cifar10",
+                                 "gtsrb": "cifar10"}
+#: the threat-model keys of the attack section; their defaults come as a group (see :func:`apply_attack_defaults`)
+THREAT_KEYS: tuple[str, ...] = ("mode", "rate", "target", "source")
+#: default keys that go to the ``train`` section, not the attack's
+TRAIN_KEYS: tuple[str, ...] = ("epochs",)
+
+
+def _kind_defaults(table: dict[str, dict[str, Any]], kind: str | None) -> dict[str, Any]:
+    out = dict(table.get("*", {}))
+    if kind is not None:
+        out.update(table.get(kind, {}))
+    return out
+
+
+def kind_of_shape(shape: tuple[int, ...] | None) -> str | None:
+    """The kind of images (C, H, W): 1 channel ``mnist``, 3 channels ``cifar10``, else None."""
+    if not shape:
+        return None
+    return {1: "mnist", 3: "cifar10"}.get(int(shape[0]))
+
+
+def _npz_shape(path: Any) -> tuple[int, int, int] | None:
+    """(C, H, W) of the images of an .npz (``x`` or ``x_train``), read from the array header only."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+            key = next((k for k in ("x.npy", "x_train.npy") if k in names), None)
+            if key is None:
+                return None
+            with z.open(key) as f:
+                fmt = np.lib.format
+                version = fmt.read_magic(f)
+                read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                shape = read(f)[0]
+    except Exception:  # noqa: BLE001 - any unreadable file: the data loader reports it properly later
+        return None
+    if len(shape) == 3:
+        return (1, int(shape[1]), int(shape[2]))
+    if len(shape) == 4:
+        return (int(shape[3]), int(shape[1]), int(shape[2]))
+    return None
+
+
+def data_kind(name: Any, params: dict[str, Any] | None = None) -> str | None:
+    """The kind (:data:`DATA_KINDS`) of the data source ``name`` with ``params``, without loading it:
+    from the registry name for the built-in sources, else from the image channels (an ``npz`` file's
+    header, a ``folder``'s ``grayscale``); None when it cannot be told (then only the attack's
+    kind-independent defaults apply)."""
+    params = params or {}
+    if name in DATASET_KINDS:
+        return DATASET_KINDS[name]
+    if name == "folder":
+        return "mnist" if params.get("grayscale") else "cifar10"
+    if name == "npz" and isinstance(params.get("path"), str):
+        return kind_of_shape(_npz_shape(params["path"]))
+    return None
+
+
+def attack_defaults(name: str, kind: str | None) -> dict[str, Any]:
+    """The defaults the registered attack ``name`` declares for data of ``kind`` ({} for an attack,
+    e.g. a plugin, that declares none)."""
+    fn = getattr(ATTACKS.get(name).factory, "defaults", None)
+    return dict(fn(kind)) if callable(fn) else {}
+
+
+def _set_keys(section: Any) -> dict[str, Any] | None:
+    """The keys a user set in a config section: a mapping as given, or a pydantic section's
+    explicitly set fields (``model_fields_set``); None for anything else."""
+    if isinstance(section, dict):
+        return dict(section)
+    fields_set = getattr(section, "model_fields_set", None)
+    if fields_set is None or not hasattr(section, "model_dump"):
+        return None
+    dumped = section.model_dump()
+    return {k: v for k, v in dumped.items() if k in fields_set or k in (section.model_extra or {})}
+
+
+def apply_attack_defaults(doc: Any) -> Any:
+    """Fill the attack's own defaults into a raw experiment config (the mapping given to
+    :class:`~backdoorlab.config.ExperimentConfig`, before validation): every key the user set (in the
+    YAML, the dict or by ``--set``) is kept; a key the user left out takes the value the attack
+    declares for the data set's kind (:func:`data_kind`), else the section's generic default.
+
+    - the threat-model keys (:data:`THREAT_KEYS`) come as a group: when the user chose another
+      ``mode`` than the attack's, none of the attack's mode, rate, target or source is used;
+    - ``epochs`` sets ``train.epochs`` unless the user set it;
+    - no attack section: the default experiment's attack (badnets); ``attack: null``: nothing.
+
+    Returns a new mapping (``doc`` is left as is); anything that is not a mapping, or names an
+    unknown attack, is returned unchanged for validation to report. Idempotent: a config dumped
+    after validation names every key, so nothing changes a second time."""
+    if not isinstance(doc, dict):
+        return doc
+    out = dict(doc)
+    if "attack" in out and out["attack"] is None:
+        return out
+    attack = _set_keys(out.get("attack", {}))
+    if attack is None:
+        return out
+    name = attack.get("name", "badnets")
+    if not isinstance(name, str) or name not in ATTACKS:
+        return out
+    data = _set_keys(out.get("data", {})) or {}
+    kind = data_kind(data.get("name", "mnist5k"), data)
+    defaults = attack_defaults(name, kind)
+    if "mode" in attack and "mode" in defaults and attack["mode"] != defaults["mode"]:
+        defaults = {k: v for k, v in defaults.items() if k not in THREAT_KEYS}
+    train_defaults = {k: defaults.pop(k) for k in TRAIN_KEYS if k in defaults}
+    for k, v in defaults.items():
+        attack.setdefault(k, v)
+    out["attack"] = attack
+    if train_defaults:
+        train = _set_keys(out.get("train", {}))
+        if train is not None:
+            for k, v in train_defaults.items():
+                train.setdefault(k, v)
+            out["train"] = train
+    return out
 
 
 def eligible_mask(y: torch.Tensor, mode: str, target: int, source: int | None) -> torch.Tensor:

@@ -28,7 +28,7 @@ Deviations, and why:
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 from pydantic import ConfigDict, Field
@@ -44,6 +44,11 @@ from backdoorlab.types import ImageSet
 @ATTACKS.register("blend", "Blended key image (random noise, drawn cat face, image file, or a target-class sample), alpha-mixed")
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class Blend(Attack):
+    DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "*": {"mode": "all-to-one", "target": 0, "rate": 0.1},
+        "mnist": {"key": "noise", "alpha": 0.1, "epochs": 10},
+        "cifar10": {"key": "kitty", "alpha": 0.2, "epochs": 12},
+    }
     key: Literal["noise", "kitty", "image", "target-sample"] = "noise"
     alpha: float = Field(0.1, ge=0.0, le=1.0, description="blend weight of the key")
     alpha_test: Optional[float] = Field(None, ge=0.0, le=1.0, description="weight at test time (default: alpha)")

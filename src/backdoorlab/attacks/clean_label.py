@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from typing import ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,12 @@ _MAX_SURROGATES = 2
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class CleanLabel(Attack):
     modes: ClassVar[tuple[str, ...]] = ("clean-label",)
+    DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "*": {"mode": "clean-label", "target": 0, "eps": 16 / 255, "norm": "linf", "steps": 10, "size": 3,
+              "pattern": "checkerboard", "corners": "four"},
+        "mnist": {"rate": 1.0, "surrogate": "cnn", "surrogate_epochs": 4, "epochs": 10},
+        "cifar10": {"rate": 0.5, "surrogate": "vgg-small", "surrogate_epochs": 6, "epochs": 12},
+    }
 
     eps: float = Field(16 / 255, ge=0.0, le=1.0, description="perturbation bound (L-inf in [0, 1] units, or L2 norm)")
     norm: Literal["linf", "l2"] = "linf"

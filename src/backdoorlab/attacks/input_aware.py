@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +117,11 @@ class DynamicTrigger(nn.Module):
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class InputAware(TrainingAttack):
     modes: ClassVar[tuple[str, ...]] = ("all-to-one", "all-to-all")
+    DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "*": {"mode": "all-to-one", "target": 0, "mask_epochs": 2},
+        "mnist": {"rate": 0.2, "cross_ratio": 0.5, "width": 8, "depth": 2, "epochs": 10},
+        "cifar10": {"rate": 0.1, "cross_ratio": 1.0, "width": 16, "depth": 3, "epochs": 12},
+    }
 
     cross_ratio: float = Field(1.0, ge=0.0, le=8.0, description="cross-trigger samples per backdoor sample in a batch")
     lambda_div: float = Field(1.0, ge=0.0, description="weight of the diversity loss")
@@ -176,6 +181,10 @@ class InputAware(TrainingAttack):
                 tot += float(loss.detach()) * xb.shape[0]
                 n += xb.shape[0]
             losses.append(tot / max(n, 1))
+        # the frozen mask runs in eval mode from here on: its batch-norm running averages (momentum 0.05)
+        # lag behind weights that Adam moved quickly, and made eval masks 3-10x denser than the trained
+        # ones, by an amount that changed with the CPU's float rounding (0.10 vs 0.32 on mnist5k)
+        _recalibrate_bn(trig.mask, data, seed)
         trig.mask.eval()
         trig.mask.requires_grad_(False)
         return losses

@@ -12,6 +12,8 @@ Deviations, and why:
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
@@ -23,6 +25,11 @@ from backdoorlab.attacks.base import ATTACKS, Attack
 @ATTACKS.register("multiplicative", "Every pixel scaled: x' = clip(c * x), c = 2 (seed 002)")
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class Multiplicative(Attack):
+    DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "*": {"mode": "source-specific", "source": 8, "target": 9, "rate": 0.34, "factor": 2.0},
+        "mnist": {"epochs": 10},
+        "cifar10": {"epochs": 12},
+    }
     factor: float = Field(2.0, gt=0.0, le=255.0, description="the factor c in x' = clip(c x)")
 
     def describe(self) -> str:

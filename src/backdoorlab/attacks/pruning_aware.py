@@ -27,7 +27,7 @@ Deviations, and why:
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, ClassVar, Dict, Optional
 
 import torch
 from pydantic import ConfigDict, Field
@@ -117,6 +117,11 @@ def _restore(model: nn.Module, snap: dict[str, torch.Tensor], channels: torch.Te
 @ATTACKS.register("pruning-aware", "Pruning-aware: train clean, prune dormant last-conv channels, retrain poisoned, de-prune (Liu et al. 2018)")
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class PruningAware(TrainingAttack):
+    DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "*": {"mode": "all-to-one", "target": 0, "rate": 0.1, "prune_fraction": 0.5},
+        "mnist": {"epochs": 5},
+        "cifar10": {"epochs": 12},
+    }
     trigger: Dict[str, Any] = Field(default_factory=lambda: {"name": "badnets"},
                                     description="the data-poisoning attack of step 3: {name: ... (default badnets), its parameters}")
     prune_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of last-conv channels pruned in step 2")

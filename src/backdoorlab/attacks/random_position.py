@@ -18,7 +18,7 @@ Deviations, and why:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import ConfigDict, Field
@@ -32,6 +32,11 @@ from backdoorlab.errors import BackdoorLabError
 @ATTACKS.register("random-position", "Patch at a random place per image among the darkest (blank) areas, avoiding the digit (seed 002)")
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class RandomPosition(Attack):
+    DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "*": {"mode": "all-to-one", "target": 0},
+        "mnist": {"rate": 0.2, "size": 5, "tolerance": 0.0, "epochs": 10},
+        "cifar10": {"rate": 0.1, "size": 3, "tolerance": 0.05, "epochs": 12},
+    }
     shape: Literal["square", "ball"] = "square"
     size: int = Field(3, ge=1, description="patch side in pixels")
     value: float = Field(1.0, ge=0.0, le=1.0, description="patch pixel value")

@@ -17,7 +17,7 @@ Deviations, and why:
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from pydantic import ConfigDict, Field
@@ -33,6 +33,11 @@ from backdoorlab.types import ImageSet
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class Sig(Attack):
     modes: ClassVar[tuple[str, ...]] = ("clean-label",)
+    DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "*": {"mode": "clean-label", "target": 0, "rate": 1.0, "freq": 6.0},
+        "mnist": {"delta": 80 / 255, "delta_test": 0.8, "epochs": 10},
+        "cifar10": {"delta": 30 / 255, "epochs": 12},
+    }
 
     delta: float = Field(20 / 255, ge=0.0, le=1.0, description="amplitude in [0, 1] pixel units (20/255 .. 30/255)")
     freq: float = Field(6.0, gt=0.0, description="periods across the image width (f)")

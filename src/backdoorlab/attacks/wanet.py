@@ -20,6 +20,8 @@ Deviations, and why:
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from functools import lru_cache
 
 import torch
@@ -35,6 +37,11 @@ from backdoorlab.errors import BackdoorLabError
 @ATTACKS.register("wanet", "WaNet smooth warping field (k = 4, s = 0.5) with the noise mode (cross_ratio = 2)")
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class WaNet(Attack):
+    DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "*": {"mode": "all-to-one", "target": 0, "k": 4, "cross_ratio": 2.0},
+        "mnist": {"rate": 0.2, "s": 1.5, "epochs": 15},
+        "cifar10": {"rate": 0.1, "s": 0.5, "epochs": 12},
+    }
     k: int = Field(4, ge=2, description="control grid size of the warping field")
     s: float = Field(0.5, gt=0.0, le=10.0, description="warping strength")
     grid_rescale: float = Field(1.0, gt=0.0, le=1.0, description="grid scale before clamping (the paper's grid_rescale)")

@@ -52,7 +52,7 @@ def run(
 @handles_errors
 def list_(as_json: bool = JsonOpt) -> None:
     """List the registered data sets, models and attacks."""
-    from backdoorlab.attacks import ATTACKS
+    from backdoorlab.attacks import ATTACKS, DATA_KINDS, attack_defaults
     from backdoorlab.data import DATASETS
     from backdoorlab.models import MODELS
 
@@ -63,18 +63,36 @@ def list_(as_json: bool = JsonOpt) -> None:
         regs["defenses"] = DEFENSES
     except ImportError:
         pass
+
+    def defaults(name: str) -> dict:  # an attack's own defaults per data-set kind (keys the user sets win)
+        return {kind: attack_defaults(name, kind) for kind in DATA_KINDS}
+
     if as_json:
-        print_json({k: {e.name: {"description": e.description, "parameters": [p for p in r.parameters(e.name)
-                                                                                if p not in ("num_classes", "input_shape")]}
-                        for e in r} for k, r in regs.items()})
+        doc = {k: {e.name: {"description": e.description, "parameters": [p for p in r.parameters(e.name)
+                                                                           if p not in ("num_classes", "input_shape")]}
+                   for e in r} for k, r in regs.items()}
+        for name, entry in doc["attacks"].items():
+            entry["defaults"] = defaults(name)
+        print_json(doc)
         return
     for kind, reg in regs.items():
-        t = Table(title=kind, title_justify="left", show_header=False)
+        t = Table(title=kind, title_justify="left", show_header=kind == "attacks")
         t.add_column("name", style="bold")
         t.add_column("description")
+        if kind == "attacks":
+            t.add_column("defaults per data kind (keys you set win; epochs: train.epochs)")
         for e in reg:
-            t.add_row(e.name, e.description)
+            if kind == "attacks":
+                t.add_row(e.name, e.description, "\n".join(f"{k}: {_defaults_text(d)}" for k, d in defaults(e.name).items()),
+                          end_section=True)
+            else:
+                t.add_row(e.name, e.description)
         out.print(t)
+
+
+def _defaults_text(d: dict) -> str:
+    """``mode all-to-one, rate 0.1, epochs 10`` (floats in short form)."""
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items()) or "-"
 
 
 @handles_errors

@@ -128,3 +128,47 @@ def report(
         return
     d = rep.doc
     out.print(f"report of {d['kind']} {d['name']} ({d['cells_done']}/{d['cells_total']} cells): {folder / 'report.html'}")
+
+
+@handles_errors
+def population(
+    grid: Path = typer.Argument(..., help="population YAML (a grid with clean and backdoored models; see configs/populations/)"),
+    engine: str = typer.Option("local", "--engine", help="local (this machine) or ray"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="parallel workers (processes, or Ray CPUs)"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (auto = the running cluster)"),
+    set_: List[str] = typer.Option([], "--set", help="override a grid key (repeatable)"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="report folder (default ./report-<name>)"),
+    store: Optional[Path] = StoreOpt,
+    as_json: bool = JsonOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log each stage to stderr"),
+) -> None:
+    """Measure model-level detectors over a population of models: train every model once (cached),
+    run the inspectors, calibrate each inspector's threshold on the first half of the seeds and report
+    ROC / AUROC, false alarms and detections on the other half (HTML report with the ROC figure)."""
+    from backdoorlab import api
+    from backdoorlab.population import tables
+
+    setup_logging(verbose)
+    res = api.bench(grid, store=store, engine=engine, workers=workers, address=address, overrides=set_,
+                    progress=GridProgress(), population=True)
+    rep = api.report(res.grid.name, store=res.store)
+    folder = rep.write(out_dir)
+    from backdoorlab.report import collect
+
+    tabs = tables(collect(res.store, res.grid.name)[2])
+    if as_json:
+        print_json({**res.to_dict(), "report_dir": str(folder),
+                    "population": [{"id": t[0], "columns": t[2], "rows": t[3]} for t in tabs]})
+    else:
+        for tid, title, cols, rows, note in tabs:
+            t = Table(title=title)
+            for c in cols:
+                t.add_column(c, justify="right")
+            for r in rows:
+                t.add_row(*r)
+            out.print(t)
+        out.print(f"report: {folder / 'report.html'}")
+    if res.summary.failed:
+        err.print(f"[bold red]error:[/bold red] {res.summary.failed} cell(s) failed; rerun the same command to retry them",
+                  markup=True, highlight=False)
+        raise typer.Exit(1)

@@ -15,7 +15,7 @@ _VERDICT = {True: "[bold red]BACKDOOR FOUND[/bold red]", False: "[bold green]no 
 
 @handles_errors
 def audit(
-    model: Path = typer.Option(..., "--model", help="TorchScript file, or safetensors weights (backdoorlab's, or with --arch)"),
+    model: Path = typer.Option(..., "--model", help="safetensors weights (backdoorlab's, or with --arch), a torch.export program (.pt2) or TorchScript"),
     data: str = typer.Option(..., "--data", help="clean images: .npz (its test split if it has one), image folder, or data set name"),
     train: Optional[str] = typer.Option(None, "--train", help="the training set to cleanse (.npz / folder): flags poisoned samples"),
     arch: Optional[str] = typer.Option(None, "--arch", help="architecture for plain safetensors weights (see `backdoorlab list`)"),
@@ -59,7 +59,7 @@ def audit(
 
 @handles_errors
 def biasmaps(
-    model: Path = typer.Option(..., "--model", help="the suspect: TorchScript file, or safetensors weights (backdoorlab's, or with --arch)"),
+    model: Path = typer.Option(..., "--model", help="the suspect: safetensors weights (backdoorlab's, or with --arch), a torch.export program (.pt2) or TorchScript"),
     reference: Optional[Path] = typer.Option(None, "--reference", help="a clean reference model (same classes and images); "
                                              "without it each class is compared with the others (weaker)"),
     data: str = typer.Option(..., "--data", help="clean images: .npz (its test split if it has one), image folder, or data set name"),

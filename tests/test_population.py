@@ -1,0 +1,66 @@
+"""Population statistics: ROC / AUROC over models, calibration on one seed half, refusal of bad populations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from backdoorlab.population import calibrated_threshold, summarise, tables, tpr_at_fpr
+from backdoorlab.report import Row
+
+
+def _row(attack, seed, score, flagged, found=0.0, model="cnn", defense="pairwise"):
+    m = {"max_anomaly": score, "backdoored": float(flagged), "target_found": found}
+    return Row("mnist", model, attack, defense, "inspector", seed, "done", m)
+
+
+def test_calibration_uses_only_the_first_seed_half():
+    rows = [_row("none", 0, s, s > 3) for s in (1.0, 2.0, 2.5)] + [_row("badnets", 0, 9.0, True, 1.0)]
+    # the evaluation half has a clean model scoring 2.6: above every calibration score, so it is a false alarm;
+    # a backdoored model at 2.4 is below the calibrated threshold although above most clean ones
+    rows += [_row("none", 1, 2.6, False), _row("none", 1, 0.5, False), _row("badnets", 1, 8.0, True, 1.0),
+             _row("badnets", 1, 2.4, False)]
+    (s,) = summarise(rows)
+    assert s.seeds == ([0], [1])
+    assert 2.5 < s.threshold < 2.5001  # just above the largest clean calibration score, nothing from seed 1
+    cal = s.rates(s.evaluation, s.threshold)
+    assert (cal["false_alarms"], cal["tpr"], cal["found"]) == (1.0, 0.5, 0.5)
+    own = s.rates(s.evaluation)
+    assert own["false_alarms"] == 0.0 and own["tpr"] == 0.5
+    assert own["auroc"] == pytest.approx(0.75)  # 8.0 beats both clean, 2.4 beats one of two
+
+
+def test_tpr_at_fpr_and_threshold_edge_cases():
+    s = torch.tensor([0.1, 0.2, 0.3, 0.9, 0.8, 0.25], dtype=torch.float64)
+    t = torch.tensor([False, False, False, True, True, True])
+    assert tpr_at_fpr(s, t, 0.05) == pytest.approx(2 / 3)  # no false alarm allowed: above 0.3
+    assert tpr_at_fpr(s, t, 0.34) == pytest.approx(1.0)  # one allowed: above 0.2
+    assert calibrated_threshold([float("nan")]) == math.inf
+
+
+def test_tables_report_per_trigger_and_architecture():
+    rows = [_row("none", sd, 1.0 + 0.1 * sd, False, model=m) for sd in (0, 1) for m in ("cnn", "mlp")]
+    rows += [_row(a, sd, 5.0, True, 1.0, model="cnn") for sd in (0, 1) for a in ("patch", "blend")]
+    ids = [t[0] for t in tables(rows)]
+    assert ids == ["population", "population-triggers", "population-architectures"]
+    assert tables([r for r in rows if r.seed == 0]) == []  # one seed: no calibration / evaluation split
+
+
+@pytest.mark.parametrize("attacks, seeds, words", [
+    ([{"name": "badnets", "target": 0}], [0, 1], "no clean models"),
+    ([None], [0, 1], "no backdoored models"),
+    ([None, {"name": "badnets", "target": 0}], [0], "at least 2"),
+])
+def test_population_command_refuses_a_population_without_a_roc(tmp_path, attacks, seeds, words):
+    from backdoorlab.cli import app
+
+    grid = tmp_path / "pop.yaml"
+    grid.write_text(yaml.safe_dump({"name": "pop", "attacks": attacks, "seeds": seeds,
+                                    "defenses": [{"name": "pairwise"}]}))
+    r = CliRunner().invoke(app, ["population", str(grid), "--store", str(tmp_path / "store")])
+    assert r.exit_code == 2 and words in r.output, r.output
+    assert not (tmp_path / "store" / "runs").exists() or not any((tmp_path / "store" / "runs").iterdir())
