@@ -227,7 +227,7 @@ def test_clean_label_needs_enough_target_samples_and_caches_its_surrogate():
     ("blend", {"alpha": -0.1}, r"attack.alpha: Input should be greater than or equal to 0"),
     ("sig", {"delta": -0.1}, r"attack.delta: Input should be greater than or equal to 0"),
     ("clean-label", {"eps": -0.1}, r"attack.eps: Input should be greater than or equal to 0"),
-    ("clean-label", {"surrogate": "resnet1000"}, r"unknown model 'resnet1000'; known: cnn"),
+    ("clean-label", {"surrogate": "resnet1000"}, r"unknown model 'resnet1000'; known: .*cnn"),
     ("multiplicative", {"factor": 0}, r"attack.factor: Input should be greater than 0"),
     ("wanet", {"k": 1}, r"attack.k: Input should be greater than or equal to 2"),
     ("pruning-aware", {"trigger": {"name": 3}}, r"attack.trigger.name must name the data-poisoning attack"),

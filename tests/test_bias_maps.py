@@ -236,7 +236,15 @@ def test_mnist5k_patch_backdoor_target_is_flagged_and_clean_finetune_is_not():
 def test_mnist5k_stamp_statistic_with_an_independent_reference():
     """The issue's harder setting: suspect and reference trained from scratch with different seeds
     (their bias maps differ everywhere). The stamp statistic still names the target; a clean model
-    of a third seed is not flagged."""
+    of a third seed is not flagged.
+
+    Both verdicts are asserted with a margin, because the models' float rounding differs between
+    CPUs (AVX2 vs AVX-512/AMX kernels) and thread counts, and training amplifies it: with 4 epochs
+    and the 400-image holdout as the clean set (source groups of ~40 images, so one image moved is
+    one unit of anomaly index at the min_flip / 4 scale floor) the clean model's largest anomaly was
+    4.76 (flagged) natively on AMX and 3.0 / 1.14 elsewhere. With 6 epochs and the holdout + test
+    split (1,400 images) as the clean set, measured (AVX-512/AMX and AVX2, 1 and 2 threads): clean
+    max anomaly 1.18-1.46, suspect's class 9 38.8-39.4 (stamp share 1.0); threshold 3."""
     from backdoorlab.attacks import ATTACKS, poison
     from backdoorlab.data import load_source, make_splits
     from backdoorlab.models import ModelSpec, build_model
@@ -248,14 +256,19 @@ def test_mnist5k_stamp_statistic_with_an_independent_reference():
     poisoned = poison(sp.train, attack, rate=0.6, target=9, source=8, mode="source-specific",
                       generator=torch.Generator().manual_seed(1)).without_ground_truth()
     models = {}
-    for name, data, seed in (("ref", sp.train, 0), ("sus", poisoned, 1), ("ok", sp.train, 2)):
+    for name, data, seed in (("ref", sp.train, 3), ("sus", poisoned, 4), ("ok", sp.train, 5)):
         torch.manual_seed(seed)
         m = build_model(ModelSpec("cnn", 10, (1, 28, 28), {"width": 16, "hidden": 64}))
-        train(m, data, TrainConfig(epochs=4), seed=seed)
+        train(m, data, TrainConfig(epochs=6), seed=seed)
         models[name] = m.eval()
+    # the defender's clean images: every image no model trained on (labels are not read)
+    clean = ImageSet(torch.cat([sp.holdout.x, sp.test.x]), torch.cat([sp.holdout.y, sp.test.y]), 10, name="mnist5k-clean")
     insp = DEFENSES.create("bias-maps", inputs=("data",), eps=(0.1,), samples_per_class=100, pair_samples=0)
-    res = insp.inspect(models["sus"], sp.holdout, reference=models["ref"])
-    assert res.details["top_class"] in (8, 9) and res.backdoored, res.scores
+    res = insp.inspect(models["sus"], clean, reference=models["ref"])
+    top = res.details["top_class"]
+    assert top in (8, 9) and res.backdoored, res.scores
+    assert float(res.anomaly[top]) > 3 * insp.threshold and float(res.scores[top]) >= 0.5, (res.scores, res.anomaly)
     assert res.details["statistic"] == "stamp" and res.details["bias_maps"]["data@0.1"]["stamp"].shape == (10, 1, 28, 28)
-    clean_res = insp.inspect(models["ok"], sp.holdout, reference=models["ref"])
+    clean_res = insp.inspect(models["ok"], clean, reference=models["ref"])
     assert not clean_res.backdoored, (clean_res.scores, clean_res.anomaly)
+    assert float(clean_res.anomaly.max()) < insp.threshold - 1, (clean_res.scores, clean_res.anomaly)
