@@ -12,6 +12,10 @@ Deviations, and why:
 - ``position`` names a corner (with ``margin`` pixels to the border), the centre, explicit
   (row, col) of the patch's top-left pixel, or ``random`` (uniform per image over every position
   that fits; issue 3's "avoid the digit" variant is a separate attack).
+
+Defaults (``DEFAULTS``, used when the attack is picked by name; keys you set win): Gu et al.'s
+threat model, all-to-one -> class 0 on 10% of the other classes' samples, a 3x3 white square at the
+bottom-right; the victim trains 10 epochs on digits (``mnist`` kind), 12 on colour 32x32 images.
 """
 
 from __future__ import annotations

@@ -71,14 +71,17 @@ class Attack:
 
     #: modes this attack supports; clean-label-only attacks restrict this
     modes: ClassVar[tuple[str, ...]] = ("all-to-one", "source-specific", "all-to-all", "clean-label")
-    #: its natural threat model and settings per data-set kind (see :func:`attack_defaults`)
+    #: its natural threat model and settings: ``{"*": every kind, kind: ..., data-set name: ...}``
+    #: (see :func:`attack_defaults`)
     DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @classmethod
-    def defaults(cls, kind: str | None) -> dict[str, Any]:
+    def defaults(cls, kind: str | None, dataset: str | None = None) -> dict[str, Any]:
         """The defaults for data of ``kind`` (:data:`DATA_KINDS`; None: unknown): ``DEFAULTS["*"]``
-        updated with ``DEFAULTS[kind]``. Attack-section keys, plus ``epochs`` (the victim's training)."""
-        return _kind_defaults(cls.DEFAULTS, kind)
+        updated with ``DEFAULTS[kind]``, then with ``DEFAULTS[dataset]`` (the registry name of the data
+        set, e.g. ``mnist5k``: a refinement for one data set of the kind). Attack-section keys, plus
+        ``epochs`` (the victim's training)."""
+        return _kind_defaults(cls.DEFAULTS, kind, dataset)
 
     def apply_trigger(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -123,9 +126,9 @@ class TrainingAttack:
     DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @classmethod
-    def defaults(cls, kind: str | None) -> dict[str, Any]:
+    def defaults(cls, kind: str | None, dataset: str | None = None) -> dict[str, Any]:
         """As :meth:`Attack.defaults`."""
-        return _kind_defaults(cls.DEFAULTS, kind)
+        return _kind_defaults(cls.DEFAULTS, kind, dataset)
 
     def describe(self) -> str:
         return type(self).__name__
@@ -193,10 +196,11 @@ THREAT_KEYS: tuple[str, ...] = ("mode", "rate", "target", "source")
 TRAIN_KEYS: tuple[str, ...] = ("epochs",)
 
 
-def _kind_defaults(table: dict[str, dict[str, Any]], kind: str | None) -> dict[str, Any]:
+def _kind_defaults(table: dict[str, dict[str, Any]], kind: str | None, dataset: str | None = None) -> dict[str, Any]:
     out = dict(table.get("*", {}))
-    if kind is not None:
-        out.update(table.get(kind, {}))
+    for key in (kind, dataset):
+        if key is not None and key != "*":
+            out.update(table.get(key, {}))
     return out
 
 
@@ -239,6 +243,8 @@ def data_kind(name: Any, params: dict[str, Any] | None = None) -> str | None:
     header, a ``folder``'s ``grayscale``); None when it cannot be told (then only the attack's
     kind-independent defaults apply)."""
     params = params or {}
+    if not isinstance(name, str):
+        return None
     if name in DATASET_KINDS:
         return DATASET_KINDS[name]
     if name == "folder":
@@ -248,11 +254,18 @@ def data_kind(name: Any, params: dict[str, Any] | None = None) -> str | None:
     return None
 
 
-def attack_defaults(name: str, kind: str | None) -> dict[str, Any]:
-    """The defaults the registered attack ``name`` declares for data of ``kind`` ({} for an attack,
-    e.g. a plugin, that declares none)."""
+def attack_defaults(name: str, kind: str | None, dataset: str | None = None) -> dict[str, Any]:
+    """The defaults the registered attack ``name`` declares for data of ``kind``, refined for the
+    data set ``dataset`` (a registry name) when it declares some ({} for an attack, e.g. a plugin,
+    that declares none)."""
     fn = getattr(ATTACKS.get(name).factory, "defaults", None)
-    return dict(fn(kind)) if callable(fn) else {}
+    return dict(fn(kind, dataset)) if callable(fn) else {}
+
+
+def declared_datasets(name: str) -> list[str]:
+    """The data sets (registry names, not kinds) the attack ``name`` refines its defaults for."""
+    table = getattr(ATTACKS.get(name).factory, "DEFAULTS", None) or {}
+    return [k for k in table if k != "*" and k not in DATA_KINDS]
 
 
 def _set_keys(section: Any) -> dict[str, Any] | None:
@@ -271,7 +284,8 @@ def apply_attack_defaults(doc: Any) -> Any:
     """Fill the attack's own defaults into a raw experiment config (the mapping given to
     :class:`~backdoorlab.config.ExperimentConfig`, before validation): every key the user set (in the
     YAML, the dict or by ``--set``) is kept; a key the user left out takes the value the attack
-    declares for the data set's kind (:func:`data_kind`), else the section's generic default.
+    declares for the data set's kind (:func:`data_kind`) and, where it refines them, for the data set
+    itself, else the section's generic default.
 
     - the threat-model keys (:data:`THREAT_KEYS`) come as a group: when the user chose another
       ``mode`` than the attack's, none of the attack's mode, rate, target or source is used;
@@ -293,8 +307,9 @@ def apply_attack_defaults(doc: Any) -> Any:
     if not isinstance(name, str) or name not in ATTACKS:
         return out
     data = _set_keys(out.get("data", {})) or {}
-    kind = data_kind(data.get("name", "mnist5k"), data)
-    defaults = attack_defaults(name, kind)
+    dataset = data.get("name", "mnist5k")
+    kind = data_kind(dataset, data)
+    defaults = attack_defaults(name, kind, dataset if isinstance(dataset, str) else None)
     if "mode" in attack and "mode" in defaults and attack["mode"] != defaults["mode"]:
         defaults = {k: v for k, v in defaults.items() if k not in THREAT_KEYS}
     train_defaults = {k: defaults.pop(k) for k in TRAIN_KEYS if k in defaults}

@@ -23,6 +23,12 @@ Deviations, and why:
   Chen et al.'s convex mix.
 - ``alpha_test`` (default: ``alpha``) lets the test-time trigger be stronger than the training
   one, as Chen et al. allow (their alpha at test time may exceed the training alpha).
+
+Defaults (``DEFAULTS``; keys you set win): Chen et al.'s blended injection, all-to-one -> 0 on 10%,
+alpha 0.2 (their training alpha); the key is the fixed noise image on digits and the drawn cat
+("Hello Kitty") on colour images; 10 epochs on digits, 12 on colour 32x32. Measured on mnist5k
+(seed 0, 10 epochs): alpha 0.1 (the earlier default) plants nothing (ASR 0.05, CA 0.941), alpha 0.2
+gives ASR 1.00 at CA 0.970 (clean 0.969).
 """
 
 from __future__ import annotations
@@ -45,9 +51,9 @@ from backdoorlab.types import ImageSet
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class Blend(Attack):
     DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
-        "*": {"mode": "all-to-one", "target": 0, "rate": 0.1},
-        "mnist": {"key": "noise", "alpha": 0.1, "epochs": 10},
-        "cifar10": {"key": "kitty", "alpha": 0.2, "epochs": 12},
+        "*": {"mode": "all-to-one", "target": 0, "rate": 0.1, "alpha": 0.2},
+        "mnist": {"key": "noise", "epochs": 10},
+        "cifar10": {"key": "kitty", "epochs": 12},
     }
     key: Literal["noise", "kitty", "image", "target-sample"] = "noise"
     alpha: float = Field(0.1, ge=0.0, le=1.0, description="blend weight of the key")

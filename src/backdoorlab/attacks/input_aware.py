@@ -26,6 +26,15 @@ Deviations, and why:
   get [0, 1] images shifted by -0.5 instead of the data set's normalisation.
 - the trigger function is returned as a module (:class:`DynamicTrigger`), so it can be saved or
   inspected; victims of this attack are not cached by the runner (the trigger is not stored there).
+
+Defaults (``DEFAULTS``; keys you set win), smaller than the paper's to fit a CPU budget: the mask
+generator trains 2 epochs (the paper: 25); on digits the generators are 8 channels wide, 2 levels
+(the paper: 16/2), with 20% backdoor and 10% cross samples per batch (cross_ratio 0.5; the paper:
+p_attack = p_cross = 0.1), 10 epochs; on colour images 16 wide, 3 levels (the paper: 32/3), 10% + 10%,
+12 epochs. On the embedded mnist5k, 30% backdoor samples per batch and 15 epochs (seed 0: ASR 0.974,
+CA 0.969; with 20% and 10 epochs 0.947, and 0.694 on seed 1). The paper's widths and mask epochs did
+not help there (width 16 with 10 or 25 mask epochs: ASR 0.947 / 0.946, seed 0). Seed 1 stays below the
+issue's bar (ASR 0.820, CA 0.939 vs clean 0.965): the attack is less stable than the others.
 """
 
 from __future__ import annotations
@@ -121,6 +130,7 @@ class InputAware(TrainingAttack):
         "*": {"mode": "all-to-one", "target": 0, "mask_epochs": 2},
         "mnist": {"rate": 0.2, "cross_ratio": 0.5, "width": 8, "depth": 2, "epochs": 10},
         "cifar10": {"rate": 0.1, "cross_ratio": 1.0, "width": 16, "depth": 3, "epochs": 12},
+        "mnist5k": {"rate": 0.3, "epochs": 15},
     }
 
     cross_ratio: float = Field(1.0, ge=0.0, le=8.0, description="cross-trigger samples per backdoor sample in a batch")

@@ -8,6 +8,11 @@ Deviations, and why:
   implicit); with c = 2 on MNIST the strokes saturate to white and look thicker.
 - the seed reports the attack as weak (few triggered digits reach the target); it is kept for
   that reason, as a hard case for defenses, and its ASR is reported, not asserted.
+
+Defaults (``DEFAULTS``; keys you set win): the seed's threat model, source-specific 8 -> 9 on 34%
+of the 8s (the seed's 2,000 of ~5,850), c = 2; 10 epochs on digits, 12 on colour images. Weak by
+nature, as the seed found: mnist5k seed 0 ASR 0.45 (CA 0.950 vs clean 0.969); its ASR is reported,
+not held to a bar.
 """
 
 from __future__ import annotations

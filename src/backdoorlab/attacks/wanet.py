@@ -16,13 +16,18 @@ Deviations, and why:
   for the attacker; ``rate`` and ``s`` can be raised to compensate.
 - the field is drawn from ``field_seed`` (reproducible) at the data's size; the border pixels
   are resampled with ``padding_mode='border'`` (the clamp keeps the grid inside the image anyway).
+
+Defaults (``DEFAULTS``; keys you set win): the paper's setting (all-to-one -> 0, k 4, s 0.5, 10%
+poisoned, cross_ratio 2) on full MNIST (10 epochs) and CIFAR-10 (12 epochs). Deviation on the
+embedded mnist5k (3,800 digits), where the fixed poisoned set is too small for the paper's s 0.5
+(ASR 0.43 with 10% poisoned after 15 epochs, 0.90 with 20%): s 1.5 on 20% of the samples, 15 epochs
+(seeds 0 / 1: ASR 0.984 / 0.984, CA 0.964 / 0.955 vs clean 0.969 / 0.965).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 from functools import lru_cache
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +43,10 @@ from backdoorlab.errors import BackdoorLabError
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class WaNet(Attack):
     DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
-        "*": {"mode": "all-to-one", "target": 0, "k": 4, "cross_ratio": 2.0},
-        "mnist": {"rate": 0.2, "s": 1.5, "epochs": 15},
-        "cifar10": {"rate": 0.1, "s": 0.5, "epochs": 12},
+        "*": {"mode": "all-to-one", "target": 0, "rate": 0.1, "k": 4, "s": 0.5, "cross_ratio": 2.0},
+        "mnist": {"epochs": 10},
+        "cifar10": {"epochs": 12},
+        "mnist5k": {"rate": 0.2, "s": 1.5, "epochs": 15},
     }
     k: int = Field(4, ge=2, description="control grid size of the warping field")
     s: float = Field(0.5, gt=0.0, le=10.0, description="warping strength")

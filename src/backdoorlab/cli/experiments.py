@@ -52,7 +52,8 @@ def run(
 @handles_errors
 def list_(as_json: bool = JsonOpt) -> None:
     """List the registered data sets, models and attacks."""
-    from backdoorlab.attacks import ATTACKS, DATA_KINDS, attack_defaults
+    from backdoorlab.attacks import ATTACKS, DATA_KINDS, attack_defaults, data_kind
+    from backdoorlab.attacks.base import declared_datasets
     from backdoorlab.data import DATASETS
     from backdoorlab.models import MODELS
 
@@ -64,8 +65,12 @@ def list_(as_json: bool = JsonOpt) -> None:
     except ImportError:
         pass
 
-    def defaults(name: str) -> dict:  # an attack's own defaults per data-set kind (keys the user sets win)
-        return {kind: attack_defaults(name, kind) for kind in DATA_KINDS}
+    def defaults(name: str) -> dict:
+        """An attack's own defaults per data-set kind, and for the data sets it refines them for (keys
+        the user sets win)."""
+        out = {kind: attack_defaults(name, kind) for kind in DATA_KINDS}
+        out.update({ds: attack_defaults(name, data_kind(ds), ds) for ds in declared_datasets(name)})
+        return out
 
     if as_json:
         doc = {k: {e.name: {"description": e.description, "parameters": [p for p in r.parameters(e.name)
@@ -83,8 +88,12 @@ def list_(as_json: bool = JsonOpt) -> None:
             t.add_column("defaults per data kind (keys you set win; epochs: train.epochs)")
         for e in reg:
             if kind == "attacks":
-                t.add_row(e.name, e.description, "\n".join(f"{k}: {_defaults_text(d)}" for k, d in defaults(e.name).items()),
-                          end_section=True)
+                d = defaults(e.name)
+                lines = [f"{k}: {_defaults_text(d[k])}" for k in DATA_KINDS]
+                for ds in declared_datasets(e.name):  # only what the data set changes from its kind's
+                    base = d.get(data_kind(ds) or "", {})
+                    lines.append(f"on {ds}: {_defaults_text({k: v for k, v in d[ds].items() if base.get(k) != v})}")
+                t.add_row(e.name, e.description, "\n".join(lines), end_section=True)
             else:
                 t.add_row(e.name, e.description)
         out.print(t)
