@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -68,67 +67,48 @@ def scan_population(grid: str, cache: Path) -> list[dict]:
     return out
 
 
-def residuals(norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pair residuals (K, K), column medians (K,)) of the log norms, as the inspector computes them."""
-    logn = norms.clamp_min(1e-6).log()
-    rowmed = logn.nanmedian(1, keepdim=True).values
-    colmed = logn.nanmedian(0, keepdim=True).values
-    return logn - rowmed - colmed, colmed.flatten()
-
-
-def score_mad(m: dict) -> tuple[float, int]:
+def score_mad(m: dict) -> tuple[float, set[int]]:
+    """The inspector's own MAD rule: (largest anomaly index, targets of the pairs above 3 or targets above 2)."""
+    from backdoorlab.defenses._pair_null import residuals
     from backdoorlab.defenses.base import mad_anomaly_index
 
-    res, _ = residuals(m["norms"])
+    res, col = residuals(m["norms"])
     a = -mad_anomaly_index(res.flatten()).view_as(res)
     a[~m["reached"]] = float("nan")
-    i = int(torch.nan_to_num(a, nan=-1e9).flatten().argmax())
-    return float(torch.nan_to_num(a, nan=-1e9).flatten()[i]), i % res.shape[1]
+    ta = -mad_anomaly_index(col, min_scale=0.7)
+    named = {int(t) for _, t in torch.nonzero(torch.nan_to_num(a, nan=-1.0) > 3.0).tolist()}
+    named |= {int(t) for t in torch.nonzero(ta > 2.0).flatten().tolist()}
+    return float(torch.nan_to_num(a, nan=-1e9).max()), named
 
 
-def null_stats(models: list[dict]) -> dict:
-    res = torch.stack([residuals(m["norms"])[0] for m in models])
-    col = torch.stack([residuals(m["norms"])[1] for m in models])
-
-    def ms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, sd = x.nanmean(0), (x - x.nanmean(0)).pow(2).nanmean(0).sqrt()
-        floor = sd[torch.isfinite(sd)].median()
-        return mu, sd.clamp_min(float(floor))
-
-    return {"pair": ms(res), "col": ms(col)}
+def score_null(null, m: dict) -> tuple[float, set[int]]:
+    """The library's calibrated verdict (PairNull): (score in units of the threshold, named targets)."""
+    pz, cz = null.zscores(m["norms"], m["reached"])
+    named = {int(t) for _, t in torch.nonzero(torch.nan_to_num(pz, nan=-1.0) > null.threshold).tolist()}
+    named |= {int(t) for t in torch.nonzero(cz > null.target_threshold).flatten().tolist()}
+    return null.score(m["norms"], m["reached"]), named
 
 
-def score_null(m: dict, null: dict, which: str) -> tuple[float, int]:
-    res, col = residuals(m["norms"])
-    if which == "pair":
-        mu, sd = null["pair"]
-        z = (mu - res) / sd
-        z[~m["reached"]] = float("nan")
-        z = torch.nan_to_num(z, nan=-1e9)
-        i = int(z.flatten().argmax())
-        return float(z.flatten()[i]), i % res.shape[1]
-    mu, sd = null["col"]
-    z = (mu - col) / sd
-    i = int(z.argmax())
-    return float(z[i]), i
-
-
-def evaluate(models: list[dict], name: str, fn) -> dict:
+def evaluate(models: list[dict], name: str, fn, own_threshold: float | None = None) -> dict:
+    """AUROC / TPR@5% on the evaluation half; verdicts at a threshold fitted on the calibration half's
+    clean models (or ``own_threshold``, the method's fixed one)."""
     from backdoorlab import metrics as M
-    from backdoorlab.population import tpr_at_fpr
+    from backdoorlab.population import calibrated_threshold, tpr_at_fpr
 
     cal = [m for m in models if m["seed"] == 0]
     ev = [m for m in models if m["seed"] != 0]
-    sc_cal = [fn(m) for m in cal]
-    thr = math.nextafter(max(s for (s, _), m in zip(sc_cal, cal) if m["attack"] == "none"), math.inf)
+    thr = own_threshold if own_threshold is not None else calibrated_threshold(
+        [fn(m)[0] for m in cal if m["attack"] == "none"])
     sc = [fn(m) for m in ev]
     s = torch.tensor([x for x, _ in sc], dtype=torch.float64)
     t = torch.tensor([m["attack"] != "none" for m in ev])
-    flagged = s >= thr
-    named = torch.tensor([m["attack"] != "none" and tgt == m["target"] for (_, tgt), m in zip(sc, ev)])
+    flagged = s >= thr if own_threshold is None else s > thr
+    named = torch.tensor([m["attack"] != "none" and m["target"] in tg for (_, tg), m in zip(sc, ev)])
+    extra = torch.tensor([len(tg - {m["target"]}) for (_, tg), m in zip(sc, ev)], dtype=torch.float64)
     return {"statistic": name, "auroc": M.auroc(s, t), "tpr@5%fpr": tpr_at_fpr(s, t, 0.05), "threshold": thr,
             "false_alarms": f"{int((flagged & ~t).sum())}/{int((~t).sum())}", "tpr": float(flagged[t].float().mean()),
-            "found": float((flagged & named)[t].float().mean())}
+            "found": float((flagged & named)[t].float().mean()),
+            "other_targets_named": float(extra[t & flagged].median()) if bool((t & flagged).any()) else float("nan")}
 
 
 def main() -> None:
@@ -144,16 +124,28 @@ def main() -> None:
     learned = [m for m in models if m["attack"] == "none" or (m["asr"] or 0) >= 0.5]  # attacks that took
     print(f"{len(models)} models ({sum(m['attack'] == 'none' for m in models)} clean); "
           f"{len(models) - len(learned)} backdoored ones with ASR < 0.5 left out")
-    null = null_stats([m for m in learned if m["seed"] == 0 and m["attack"] == "none"])
-    rows = [evaluate(learned, "mad (today)", score_mad),
-            evaluate(learned, "pair-null", lambda m: score_null(m, null, "pair")),
-            evaluate(learned, "target-null", lambda m: score_null(m, null, "col")),
-            evaluate(learned, "max(pair-null, target-null)",
-                     lambda m: max(score_null(m, null, "pair"), score_null(m, null, "col")))]
+    from backdoorlab.defenses._pair_null import fit
+
+    cal_clean = [m for m in learned if m["seed"] == 0 and m["attack"] == "none"]
+    null = fit([m["norms"] for m in cal_clean], [m["reached"] for m in cal_clean], (1, 28, 28), "calibration half")
+    print(f"null: {null.describe()}")
+    rows = [evaluate(learned, "mad rule (fixed threshold 3 / 2)", score_mad, own_threshold=3.0),
+            evaluate(learned, "mad, threshold fitted on the calibration half", score_mad),
+            evaluate(learned, "pair-null (library), its leave-one-out threshold", lambda m: score_null(null, m),
+                     own_threshold=1.0),
+            evaluate(learned, "pair-null, threshold fitted on the calibration half", lambda m: score_null(null, m))]
+    for kind in sorted({m["attack"] for m in learned if m["seed"] != 0 and m["attack"] != "none"}):
+        sub = [m for m in learned if m["attack"] in ("none", kind)]
+        r = evaluate(sub, f"  pair-null on {kind}", lambda m: score_null(null, m), own_threshold=1.0)
+        rows.append(r)
+    for arch in sorted({m["model"] for m in learned}):
+        sub = [m for m in learned if m["model"] == arch]
+        if any(m["seed"] != 0 and m["attack"] == "none" for m in sub) and any(m["seed"] != 0 and m["attack"] != "none" for m in sub):
+            rows.append(evaluate(sub, f"  pair-null on {arch}", lambda m: score_null(null, m), own_threshold=1.0))
     cols = list(rows[0])
     print(" | ".join(cols))
     for r in rows:
-        print(" | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+        print(" | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -20,10 +20,12 @@ Every path is checked by :mod:`backdoorlab.validate` before anything runs: bad i
 from backdoorlab.api._common import json_ready, load_data, load_model, make_defense
 from backdoorlab.api.defend import GuardReport, RepairReport, RobustTrainReport, guard, repair, train_robust
 from backdoorlab.api.experiments import BenchReport, StoreReport, bench, report, run
-from backdoorlab.api.inspection import AuditReport, BiasMapsReport, CleanseReport, audit, bias_maps, cleanse
+from backdoorlab.api.inspection import (
+    AuditReport, BiasMapsReport, CalibrationReport, CleanseReport, audit, bias_maps, calibrate, cleanse,
+)
 
 __all__ = [
     "AuditReport", "BenchReport", "BiasMapsReport", "CleanseReport", "GuardReport", "RepairReport",
-    "RobustTrainReport", "StoreReport", "audit", "bench", "bias_maps", "cleanse", "guard", "json_ready",
+    "RobustTrainReport", "StoreReport", "audit", "bench", "bias_maps", "calibrate", "CalibrationReport", "cleanse", "guard", "json_ready",
     "load_data", "load_model", "make_defense", "repair", "report", "run", "train_robust",
 ]

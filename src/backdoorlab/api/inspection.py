@@ -180,14 +180,17 @@ class AuditReport(_Verdict, Report):
 
 def audit(model: ModelLike, clean: DataLike, *, train: DataLike | None = None, pi: float = 0.9,
           images_per_class: int = 100, statistic: str = "min-norm", technique: int = 2, relabel: str = "auto",
-          seed: int = 0, arch: str | None = None) -> AuditReport:
+          seed: int = 0, arch: str | None = None, calibration: Any = None) -> AuditReport:
     """Is this model backdoored? Reverse-engineer a trigger for every (source, target) pair on the
     clean images (an npz's test split when it has one) and flag the outliers; with ``train``, flag
-    the poisoned training samples and correct their labels (pattern subtraction)."""
+    the poisoned training samples and correct their labels (pattern subtraction). ``calibration``:
+    a file written by :func:`calibrate` (clean models of the same data): each pair is then compared
+    with the same pair in those clean models, with the thresholds fitted there."""
     t0 = time.perf_counter()
     # every parameter is checked before anything is loaded (the cleanser's too, used only with ``train``)
     insp = make_defense("pairwise", {"pi": pi, "images_per_class": images_per_class, "statistic": statistic,
-                                     "seed": seed}, family="inspector", where="audit")
+                                     "seed": seed, "calibration": None if calibration is None else str(calibration)},
+                        family="inspector", where="audit")
     cl = make_defense("pattern-subtraction", {"technique": technique, "relabel": relabel, "seed": seed},
                       family="cleanser", where="audit")
     net, clean_set = model_and_data(model, clean, split="auto", arch=arch)
@@ -199,6 +202,54 @@ def audit(model: ModelLike, clean: DataLike, *, train: DataLike | None = None, p
     if loaded is not None:
         found = _cleanse(cl, cl, loaded[0], loaded[1], net, clean_set, res, time.perf_counter())
     return AuditReport(res, insp, time.perf_counter() - t0, found)
+
+
+# ----------------------------------------------------------------------------- calibration
+@dataclass(eq=False)
+class CalibrationReport(Report):
+    """A null of the pairwise scan fitted on clean models (:mod:`backdoorlab.defenses._pair_null`);
+    ``path`` the calibration file (give it to :func:`audit`)."""
+
+    kind: ClassVar[str] = "calibration"
+    null: Any
+    path: Any
+    per_model: list[dict[str, Any]]
+    seconds: float
+
+    def _dict(self) -> dict[str, Any]:
+        return {"calibration": str(self.path), "models": self.null.n_models, "num_classes": self.null.num_classes,
+                "input_shape": list(self.null.input_shape), "pair_threshold": self.null.threshold,
+                "target_threshold": self.null.target_threshold, "threshold_source": self.null.describe(),
+                "per_model": self.per_model, "seconds": round(self.seconds, 3)}
+
+
+def calibrate(models: list[ModelLike], clean: DataLike, out: Any, *, pi: float = 0.9, images_per_class: int = 100,
+              seed: int = 0, arch: str | None = None) -> CalibrationReport:
+    """Fit the pairwise scan's null on clean ``models`` (3 or more, all of the same data as
+    ``clean``) and write it to ``out`` (safetensors). Each model is scanned as :func:`audit` scans a
+    suspect (same ``pi``, ``images_per_class``, ``seed``): use the same settings when auditing."""
+    from pathlib import Path
+
+    from backdoorlab.defenses._pair_null import fit
+
+    t0 = time.perf_counter()
+    models = list(models)
+    if len(models) < 3:
+        raise BackdoorLabError(f"calibration needs at least 3 clean models (got {len(models)}); give more --model")
+    insp = make_defense("pairwise", {"pi": pi, "images_per_class": images_per_class, "seed": seed},
+                        family="inspector", where="calibrate")
+    _, clean_set = model_and_data(models[0], clean, split="auto", arch=arch)
+    nets = [load_model(m, data=clean_set, arch=arch) for m in models]  # every model checked before the first scan
+    norms, reached, per_model = [], [], []
+    for m, net in zip(models, nets):
+        est = insp.estimate(net, clean_set)
+        norms.append(est["norms"])
+        reached.append(est["reached"])
+        per_model.append({"model": str(m) if not hasattr(m, "forward") else type(m).__name__,
+                          "seconds": round(float(est["seconds"]), 3)})
+    null = fit(norms, reached, clean_set.shape, source=f"{len(models)} models on {clean_set.num_classes} classes")
+    path = null.save(Path(out))
+    return CalibrationReport(null, path, per_model, time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------- bias maps

@@ -19,7 +19,7 @@ app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
 
 for _name, _fn in (
     ("run", experiments.run), ("list", experiments.list_), ("runs", experiments.runs), ("show", experiments.show),
-    ("audit", inspection.audit), ("repair", defend.repair), ("guard", defend.guard), ("biasmaps", inspection.biasmaps),
+    ("audit", inspection.audit), ("calibrate", inspection.calibrate), ("repair", defend.repair), ("guard", defend.guard), ("biasmaps", inspection.biasmaps),
     ("train-robust", defend.train_robust), ("bench", grid.bench), ("population", grid.population), ("report", grid.report),
 ):  # registered in this order: the order of `backdoorlab --help`
     app.command(_name)(_fn)

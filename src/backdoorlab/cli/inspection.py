@@ -26,6 +26,8 @@ def audit(
     relabel: str = typer.Option("auto", "--relabel", help="label correction: auto (the flagged pairs' sources unless the "
                                 "target's whole column is flagged), source, or prediction (seed 000's: the label predicted on [x - v])"),
     report: Optional[Path] = typer.Option(None, "--out", help="report folder (figures, flagged samples); default ./audit-<time>"),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="a null fitted on clean models of the same "
+                                               "data (`backdoorlab calibrate`): calibrated thresholds instead of the MAD rule"),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = JsonOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -36,25 +38,53 @@ def audit(
 
     setup_logging(verbose)
     res = api.audit(model, data, train=train, arch=arch, pi=pi, images_per_class=images_per_class, statistic=statistic,
-                    technique=technique, relabel=relabel, seed=seed)
+                    technique=technique, relabel=relabel, seed=seed, calibration=calibration)
     folder = res.write(report)
     result = res.to_dict()
     if as_json:
         print_json(result)
         return
     insp = res.inspector
-    out.print(f"{_VERDICT[res.backdoored]}  (statistic {statistic}, max anomaly index {res.max_anomaly:.2f}, "
-              f"threshold {getattr(insp, 'threshold', '-')})")
+    calibrated = calibration is not None
+    out.print(f"{_VERDICT[res.backdoored]}  (statistic {statistic}, max anomaly {res.max_anomaly:.2f}, "
+              f"threshold {res.inspection.threshold:g}: {res.inspection.threshold_source})")
     t = Table(title="most suspicious pairs")
-    for col in ("source", "target", f"{getattr(insp, 'norm', '')} norm", "anomaly index", "flagged"):
+    for col in ("source", "target", f"{getattr(insp, 'norm', '')} norm", "z vs clean models" if calibrated else "anomaly index",
+                "flagged"):
         t.add_column(col, justify="right")
     for p in result.get("top_pairs", []):
         s, tt = p["source"], p["target"]
-        t.add_row(str(s), str(tt), _num(p["norm"], 3), _num(p["anomaly_index"], 2), "yes" if (s, tt) in res.flagged_pairs else "")
+        t.add_row(str(s), str(tt), _num(p["norm"], 3), _num(p["pair_z" if calibrated else "anomaly_index"], 2),
+                  "yes" if (s, tt) in res.flagged_pairs else "")
     out.print(t)
     if res.cleanse is not None:
         out.print(f"flagged {len(result['flagged_indices'])} training samples (see {folder / 'flagged.csv'})")
     out.print(f"report: {folder}  ({result['seconds']:.1f} s)")
+
+
+@handles_errors
+def calibrate(
+    model: List[Path] = typer.Option(..., "--model", help="a clean model of the data (repeatable, 3 or more; any format `audit` takes)"),
+    data: str = typer.Option(..., "--data", help="clean images, as for `audit` (the same images you will audit with)"),
+    out_file: Path = typer.Option(..., "--out", help="the calibration file to write (.safetensors)"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="architecture for plain safetensors weights"),
+    pi: float = typer.Option(0.9, "--pi", help="as for `audit` (use the same value when auditing)"),
+    images_per_class: int = typer.Option(100, "--images-per-class", help="as for `audit`"),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = JsonOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Fit the pairwise audit's null on clean models of your data: per pair, how small its trigger is
+    in clean models, and thresholds from those models (leave-one-out). Then `audit --calibration FILE`."""
+    from backdoorlab import api
+
+    setup_logging(verbose)
+    res = api.calibrate(model, data, out_file, arch=arch, pi=pi, images_per_class=images_per_class, seed=seed)
+    if as_json:
+        print_json(res.to_dict())
+        return
+    out.print(f"calibration of {res.null.n_models} clean models written to {res.path}: {res.null.describe()} "
+              f"({res.seconds:.1f} s)")
 
 
 @handles_errors

@@ -67,9 +67,11 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import nn
 
+from backdoorlab.defenses._pair_null import PairNull
 from backdoorlab.defenses._trigger_search import _norm, _TriggerSearch
 from backdoorlab.defenses.base import DEFENSES, InspectionResult, Inspector, mad_anomaly_index
 from backdoorlab.defenses.common import check_model_matches, frozen, images_per_class, precision_context
+from backdoorlab.errors import BackdoorLabError
 from backdoorlab.types import ImageSet
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,9 @@ class PairwiseTriggerInspector(_TriggerSearch, Inspector):
     threshold: float = Field(3.0, gt=0.0, description="MAD anomaly index above which a pair is flagged")
     target_threshold: float = Field(2.0, gt=0.0, description="MAD anomaly index above which a target is flagged")
     chunk: int = Field(128, ge=1, description="images per forward pass (CPU throughput peaks at small batches)")
+    calibration: Optional[str] = Field(
+        None, description="min-norm: a null fitted on clean models (`backdoorlab calibrate`): pairs and targets are "
+        "scored against the same pair in clean models, with the thresholds fitted there (instead of the MAD rule)")
     seed: int = 0
 
     # ------------------------------------------------------------------ API
@@ -141,7 +146,15 @@ class PairwiseTriggerInspector(_TriggerSearch, Inspector):
 
     def inspect(self, model: nn.Module, clean: ImageSet, *, reference: nn.Module | None = None) -> InspectionResult:
         t0 = time.perf_counter()
+        null = None
+        if self.calibration is not None:  # refused before any work when it does not fit the suspect
+            if self.statistic != "min-norm":
+                raise BackdoorLabError("a calibration applies to the min-norm statistic; drop `statistic: seed`")
+            null = PairNull.load(self.calibration)
+            null.check(clean.num_classes, clean.shape)
         est = self.estimate(model, clean)
+        if null is not None:
+            return self._calibrated(est, null, time.perf_counter() - t0)
         norms = est["norms"]
         k = clean.num_classes
         target_anomaly = torch.full((k,), float("nan"))
@@ -181,6 +194,28 @@ class PairwiseTriggerInspector(_TriggerSearch, Inspector):
                      "seconds": time.perf_counter() - t0},
         )
 
+    def _calibrated(self, est: dict, null: PairNull, seconds: float) -> InspectionResult:
+        """The verdict against a null of clean models (:mod:`._pair_null`). The anomaly of a pair is
+        the larger of its pair z and its target's z, each in units of its calibrated threshold, so
+        the threshold is 1."""
+        norms, reached = est["norms"], est["reached"]
+        pz, cz = null.zscores(norms, reached)
+        k = norms.shape[0]
+        anomaly = torch.maximum(torch.nan_to_num(pz / null.threshold, nan=-float("inf")),
+                                (cz / null.target_threshold).expand(k, k)).float()
+        anomaly.fill_diagonal_(float("nan"))
+        flagged = [(int(s), int(t)) for s, t in torch.nonzero(torch.nan_to_num(pz, nan=-1.0) > null.threshold).tolist()]
+        flagged.sort(key=lambda st: -float(pz[st]))
+        targets = sorted({t for _, t in flagged} | {int(t) for t in torch.nonzero(cz > null.target_threshold).flatten().tolist()})
+        order = torch.argsort(torch.nan_to_num(pz, nan=-float("inf")).flatten(), descending=True)[: min(10, k * (k - 1))]
+        ranking = [(int(i) // k, int(i) % k, float(norms.flatten()[i]), float(pz.flatten()[i])) for i in order]
+        return InspectionResult(
+            backdoored=bool(flagged or targets), flagged_pairs=flagged, flagged_targets=targets, scores=norms,
+            anomaly=anomaly, patterns=est["patterns"], threshold=1.0, threshold_source=null.describe(),
+            details={"pair_z": pz.float(), "target_z": cz.float(), "pair_threshold": null.threshold,
+                     "target_threshold": null.target_threshold, "statistic": "min-norm, calibrated", "norm": self.norm,
+                     "reached": reached, "ranking": ranking, "seconds": seconds})
+
     # ---- report hooks
     def figures(self, result: InspectionResult, truth: torch.Tensor | None = None) -> dict[str, bytes]:
         from backdoorlab import plots
@@ -195,6 +230,12 @@ class PairwiseTriggerInspector(_TriggerSearch, Inspector):
         return out
 
     def summary(self, result: InspectionResult) -> dict[str, Any]:
+        d = result.details
+        if "pair_z" in d:
+            return {"statistic": d["statistic"], "norm": self.norm, "threshold_source": result.threshold_source,
+                    "pair_threshold": d["pair_threshold"], "target_threshold": d["target_threshold"],
+                    "target_z": [round(float(z), 3) for z in d["target_z"]],
+                    "top_pairs": [{"source": s, "target": t, "norm": n, "pair_z": z} for s, t, n, z in d["ranking"][:5]]}
         return {"statistic": self.statistic, "norm": self.norm, "anomaly_threshold": self.threshold,
                 "target_threshold": self.target_threshold,
                 "top_pairs": [{"source": s, "target": t, "norm": n, "anomaly_index": a}

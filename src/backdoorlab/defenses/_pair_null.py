@@ -1,0 +1,177 @@
+"""A null of the pairwise scan fitted on clean models: calibrated verdicts (issue 22).
+
+The MAD rule of :mod:`backdoorlab.defenses.pairwise` compares a pair with the other pairs of the
+same model. Natural look-alike pairs (7 -> 1, 4 -> 9 on digits) are small in *every* model, so a
+within-model rule flags clean models and hides a planted pair behind a look-alike one. Here each
+pair is compared with the same pair in clean models instead: per pair, the mean and standard
+deviation of its log-norm residual (log d(v) minus its row and column medians, as the MAD rule
+computes it) over N clean models of the same data; per target, the same for the column medians
+(an all-to-one trigger shrinks a whole column). A suspect's score is the z-score of its most
+anomalous pair (resp. target), on the small side.
+
+Standard deviations are floored at the median standard deviation of all pairs (with ~15 models a
+pair's own SD is noisy; a pair that happened to vary little must not become a hair trigger).
+
+Thresholds are fitted on the clean models alone, leave-one-out (each model scored against the null
+of the others, so its own numbers do not shrink its z): the larger of their largest z and a
+Gaussian 1% tail of those maxima (mean + 2.33 SD). The null and its thresholds are saved with the
+class count and input shape they hold for; a suspect of another shape is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from backdoorlab.errors import BackdoorLabError
+
+TAIL_Z = 2.326  # one-sided Gaussian 1% quantile
+
+
+def residuals(norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pair residuals (K, K), column medians (K,)) of the log norms; NaN on the diagonal."""
+    logn = norms.double().clamp_min(1e-6).log()
+    rowmed = logn.nanmedian(1, keepdim=True).values
+    colmed = logn.nanmedian(0, keepdim=True).values
+    return logn - rowmed - colmed, colmed.flatten()
+
+
+def _mean_sd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mu = x.nanmean(0)
+    sd = (x - mu).pow(2).nanmean(0).mul(x.shape[0] / max(x.shape[0] - 1, 1)).sqrt()
+    floor = sd[torch.isfinite(sd)].median() if torch.isfinite(sd).any() else torch.tensor(1.0, dtype=sd.dtype)
+    return mu, sd.clamp_min(float(floor))
+
+
+@dataclass(frozen=True)
+class PairNull:
+    """Per-pair and per-target statistics of N clean models, with their calibrated thresholds."""
+
+    pair_mean: torch.Tensor  # (K, K)
+    pair_sd: torch.Tensor
+    col_mean: torch.Tensor  # (K,)
+    col_sd: torch.Tensor
+    threshold: float  # on the pair z
+    target_threshold: float  # on the target z
+    n_models: int
+    input_shape: tuple[int, ...]
+    source: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.col_mean.numel())
+
+    def describe(self) -> str:
+        return (f"calibrated on {self.n_models} clean models{f' ({self.source})' if self.source else ''}: "
+                f"pair z > {self.threshold:.2f} or target z > {self.target_threshold:.2f}")
+
+    def zscores(self, norms: torch.Tensor, reached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pair z (K, K), NaN where the pair was not reached or on the diagonal; target z (K,)),
+        positive when the pair (target) is smaller than in the clean models."""
+        return _z(self.pair_mean, self.pair_sd, self.col_mean, self.col_sd, norms, reached)
+
+    def score(self, norms: torch.Tensor, reached: torch.Tensor) -> float:
+        """One number per model: the largest of pair z / its threshold and target z / its threshold
+        (>= 1: flagged)."""
+        pz, cz = self.zscores(norms, reached)
+        return _combined(pz, cz, self.threshold, self.target_threshold)
+
+    def check(self, num_classes: int, input_shape: Sequence[int]) -> None:
+        if num_classes != self.num_classes or tuple(input_shape) != tuple(self.input_shape):
+            raise BackdoorLabError(
+                f"the calibration holds for {self.num_classes} classes of shape {tuple(self.input_shape)}, the suspect "
+                f"has {num_classes} classes of shape {tuple(input_shape)}; calibrate on clean models of the suspect's "
+                "data (`backdoorlab calibrate`)")
+
+    # ---- files (safetensors: tensors + JSON metadata; nothing is unpickled)
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save as st_save
+
+        from backdoorlab.atomic import atomic_write_bytes
+
+        meta = {"kind": "backdoorlab-pair-null", "threshold": repr(self.threshold),
+                "target_threshold": repr(self.target_threshold), "n_models": str(self.n_models),
+                "input_shape": json.dumps(list(self.input_shape)), "source": self.source}
+        blob = st_save({"pair_mean": self.pair_mean.contiguous(), "pair_sd": self.pair_sd.contiguous(),
+                        "col_mean": self.col_mean.contiguous(), "col_sd": self.col_sd.contiguous()}, metadata=meta)
+        atomic_write_bytes(Path(path), blob)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PairNull":
+        from safetensors import safe_open
+
+        p = Path(path)
+        if not p.is_file():
+            raise BackdoorLabError(f"calibration file {p} does not exist; write one with `backdoorlab calibrate`")
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+                t = {k: f.get_tensor(k) for k in f.keys()}
+            if meta.get("kind") != "backdoorlab-pair-null":
+                raise ValueError("not a calibration file")
+            return cls(t["pair_mean"], t["pair_sd"], t["col_mean"], t["col_sd"], float(meta["threshold"]),
+                       float(meta["target_threshold"]), int(meta["n_models"]), tuple(json.loads(meta["input_shape"])),
+                       meta.get("source", ""))
+        except BackdoorLabError:
+            raise
+        except Exception as e:  # a truncated or foreign file
+            raise BackdoorLabError(f"{p} is not a backdoorlab calibration file ({type(e).__name__}); "
+                                   "write one with `backdoorlab calibrate`") from None
+
+
+def _z(pm, psd, cm, csd, norms, reached):
+    res, col = residuals(norms)
+    pz = (pm - res) / psd
+    pz[~reached.bool()] = float("nan")
+    pz.fill_diagonal_(float("nan"))
+    return pz, (cm - col) / csd
+
+
+def _combined(pz: torch.Tensor, cz: torch.Tensor, thr: float, tthr: float) -> float:
+    p = pz[torch.isfinite(pz)]
+    a = float(p.max()) / thr if p.numel() else -math.inf
+    return max(a, float(cz.max()) / tthr)
+
+
+def _max_z(pz: torch.Tensor) -> float:
+    p = pz[torch.isfinite(pz)]
+    return float(p.max()) if p.numel() else -math.inf
+
+
+def fit(norms: Sequence[torch.Tensor], reached: Sequence[torch.Tensor], input_shape: Sequence[int],
+        source: str = "") -> PairNull:
+    """The null of ``norms`` ((K, K) per clean model; ``reached`` the pairs that reached pi), with
+    leave-one-out thresholds. Needs 3 or more models."""
+    n = len(norms)
+    if n < 3:
+        raise BackdoorLabError(f"calibration needs at least 3 clean models (got {n}); give more models")
+    k = {int(x.shape[0]) for x in norms}
+    if len(k) != 1:
+        raise BackdoorLabError(f"the calibration models disagree on the number of classes ({sorted(k)}); give models of one data set")
+    res = torch.stack([residuals(x)[0] for x in norms])
+    col = torch.stack([residuals(x)[1] for x in norms])
+    for i, r in enumerate(reached):  # an unreached pair's norm is a budget, not a measurement
+        res[i][~r.bool()] = float("nan")
+    pair_max, col_max = [], []
+    for i in range(n):
+        keep = [j for j in range(n) if j != i]
+        pm, psd = _mean_sd(res[keep])
+        cm, csd = _mean_sd(col[keep])
+        pz, cz = _z(pm, psd, cm, csd, norms[i], reached[i])
+        pair_max.append(_max_z(pz))
+        col_max.append(float(cz.max()))
+
+    def thr(xs: list[float]) -> float:
+        v = torch.tensor([x for x in xs if math.isfinite(x)], dtype=torch.float64)
+        return max(float(v.max()), float(v.mean() + TAIL_Z * v.std())) if v.numel() > 1 else 3.0
+
+    pm, psd = _mean_sd(res)
+    cm, csd = _mean_sd(col)
+    return PairNull(pm.float(), psd.float(), cm.float(), csd.float(), thr(pair_max), thr(col_max), n,
+                    tuple(int(s) for s in input_shape), source)
