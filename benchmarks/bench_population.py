@@ -5,12 +5,13 @@ Reads a population already run by ``backdoorlab population configs/populations/m
 victims' weights and configs from the store), runs the pairwise scan (50 clean held-out images per
 class, the cells' setting) once per model (cached in ``--cache``), and compares scores:
 
-- ``mad``: the inspector's own score today, the largest MAD anomaly index of the log-norm residuals
-  (log norm minus its row and column medians) within the model;
-- ``pair-null``: each pair's residual standardised by the clean models of the calibration half
-  (mean and standard deviation of that pair's residual there, the SD floored at the median SD):
-  natural look-alike pairs, small in every clean model, no longer stand out;
-- ``target-null``: the same for the per-target column medians (all-to-one attacks shrink a column).
+- ``mad``: the inspector's own rule, the largest MAD anomaly index of the log-norm residuals (log
+  norm minus its row and column medians) within the model, at its fixed threshold (3) and at a
+  threshold fitted on the calibration half;
+- ``pair-null``: the library's calibrated verdict (:mod:`backdoorlab.defenses._pair_null`, what
+  ``backdoorlab calibrate`` fits): each pair's and each target's residual as a z-score against the
+  same pair (target) in the calibration half's clean models, at its leave-one-out thresholds, and
+  per trigger kind and architecture.
 
 Calibration half: seed 0's models; evaluation half: seed 1's. Every threshold is fitted on the
 calibration half only (the smallest score above every clean calibration model) and reported on the

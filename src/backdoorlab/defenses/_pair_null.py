@@ -5,7 +5,7 @@ same model. Natural look-alike pairs (7 -> 1, 4 -> 9 on digits) are small in *ev
 within-model rule flags clean models and hides a planted pair behind a look-alike one. Here each
 pair is compared with the same pair in clean models instead: per pair, the mean and standard
 deviation of its log-norm residual (log d(v) minus its row and column medians, as the MAD rule
-computes it) over N clean models of the same data; per target, the same for the column medians
+computes it, but over the pairs that reached pi only) over N clean models of the same data; per target, the same for the column medians
 (an all-to-one trigger shrinks a whole column). A suspect's score is the z-score of its most
 anomalous pair (resp. target), on the small side.
 
@@ -33,9 +33,13 @@ from backdoorlab.errors import BackdoorLabError
 TAIL_Z = 2.326  # one-sided Gaussian 1% quantile
 
 
-def residuals(norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pair residuals (K, K), column medians (K,)) of the log norms; NaN on the diagonal."""
+def residuals(norms: torch.Tensor, reached: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pair residuals (K, K), column medians (K,)) of the log norms; NaN on the diagonal and, given
+    ``reached``, on the pairs that did not reach pi (their norm is the search's budget, not a
+    measurement: with them in, a model with many unreached pairs has its medians set by the budget)."""
     logn = norms.double().clamp_min(1e-6).log()
+    if reached is not None:
+        logn = logn.masked_fill(~reached.bool(), float("nan"))
     rowmed = logn.nanmedian(1, keepdim=True).values
     colmed = logn.nanmedian(0, keepdim=True).values
     return logn - rowmed - colmed, colmed.flatten()
@@ -126,11 +130,10 @@ class PairNull:
 
 
 def _z(pm, psd, cm, csd, norms, reached):
-    res, col = residuals(norms)
+    res, col = residuals(norms, reached)
     pz = (pm - res) / psd
-    pz[~reached.bool()] = float("nan")
     pz.fill_diagonal_(float("nan"))
-    return pz, (cm - col) / csd
+    return pz, torch.nan_to_num((cm - col) / csd, nan=-math.inf)  # a column with no reached pair: no evidence
 
 
 def _combined(pz: torch.Tensor, cz: torch.Tensor, thr: float, tthr: float) -> float:
@@ -154,10 +157,8 @@ def fit(norms: Sequence[torch.Tensor], reached: Sequence[torch.Tensor], input_sh
     k = {int(x.shape[0]) for x in norms}
     if len(k) != 1:
         raise BackdoorLabError(f"the calibration models disagree on the number of classes ({sorted(k)}); give models of one data set")
-    res = torch.stack([residuals(x)[0] for x in norms])
-    col = torch.stack([residuals(x)[1] for x in norms])
-    for i, r in enumerate(reached):  # an unreached pair's norm is a budget, not a measurement
-        res[i][~r.bool()] = float("nan")
+    res = torch.stack([residuals(x, r)[0] for x, r in zip(norms, reached)])
+    col = torch.stack([residuals(x, r)[1] for x, r in zip(norms, reached)])
     pair_max, col_max = [], []
     for i in range(n):
         keep = [j for j in range(n) if j != i]
