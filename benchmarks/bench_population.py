@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def scan_population(grid: str, cache: Path) -> list[dict]:
+def scan_population(grid: str, cache: Path, params: dict | None = None) -> list[dict]:
     from backdoorlab.cellstore import CellStore
     from backdoorlab.config import ExperimentConfig
     from backdoorlab.defenses.pairwise import PairwiseTriggerInspector
@@ -49,14 +49,15 @@ def scan_population(grid: str, cache: Path) -> list[dict]:
     out = []
     for i, r in enumerate(rows):
         rec = recs[r.cell_id]
-        f = cache / f"{r.cell_id[:16]}.pt"
+        tag = "".join(f"-{k}={v}" for k, v in sorted((params or {}).items()))
+        f = cache / f"{r.cell_id[:16]}{tag}.pt"
         if not f.is_file():
             cfg = ExperimentConfig.model_validate(rec.config)
             prep = prepare(cfg)
             model = load_model(Path(rec.run_dir) / "weights.safetensors", num_classes=prep.train_set.num_classes,
                                input_shape=prep.train_set.shape)
             t0 = time.perf_counter()
-            est = PairwiseTriggerInspector(images_per_class=50).estimate(model, prep.splits.holdout)
+            est = PairwiseTriggerInspector(images_per_class=50, **(params or {})).estimate(model, prep.splits.holdout)
             torch.save({"norms": est["norms"], "reached": est["reached"]}, f)
             print(f"[{i + 1}/{len(rows)}] {r.data}/{r.model}/{r.attack}/seed{r.seed}: {time.perf_counter() - t0:.1f} s",
                   flush=True)
@@ -117,11 +118,14 @@ def main() -> None:
     ap.add_argument("--grid", default="population-mnist")
     ap.add_argument("--cache", type=Path, default=Path("population-scans"))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--set", action="append", default=[], help="a pairwise parameter for the scans, e.g. formulation=mask")
     args = ap.parse_args()
     from backdoorlab.runtime import tune_allocator
 
     tune_allocator()
-    models = scan_population(args.grid, args.cache)
+    params = dict(p.split("=", 1) for p in args.set)
+    params = {k: (int(v) if v.isdigit() else v) for k, v in params.items()}
+    models = scan_population(args.grid, args.cache, params)
     learned = [m for m in models if m["attack"] == "none" or (m["asr"] or 0) >= 0.5]  # attacks that took
     print(f"{len(models)} models ({sum(m['attack'] == 'none' for m in models)} clean); "
           f"{len(models) - len(learned)} backdoored ones with ASR < 0.5 left out")

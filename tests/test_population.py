@@ -50,6 +50,18 @@ def test_tables_report_per_trigger_and_architecture():
     assert tables([r for r in rows if r.seed == 0]) == []  # one seed: no calibration / evaluation split
 
 
+def test_tables_add_input_and_sample_level_distributions():
+    rows = [_row("none", sd, 1.0, False) for sd in (0, 1)] + [_row("patch", sd, 5.0, True, 1.0) for sd in (0, 1)]
+    rows += [Row("mnist", "cnn", "patch", "strip", "detector", sd, "done", {"frr": 0.01, "far": far})
+             for sd, far in ((0, 0.1), (1, 0.3), (2, 0.9))]
+    rows += [Row("mnist", "cnn", "none", "strip", "detector", 0, "done", {"frr": 0.02, "far": 0.0})]  # clean: left out
+    rows += [Row("mnist", "cnn", "blend", "pattern-subtraction", "cleanser", 0, "done", {"tpr": 0.9, "fpr": 0.01})]
+    got = {t[0]: t for t in tables(rows)}
+    assert got["population-inputs"][3] == [["strip", "patch", "3", "0.010 (0.010-0.010)", "0.300 (0.100-0.900)"]]
+    assert got["population-samples"][3] == [["pattern-subtraction", "blend", "1", "0.900 (0.900-0.900)",
+                                             "0.010 (0.010-0.010)"]]
+
+
 @pytest.mark.parametrize("attacks, seeds, words", [
     ([{"name": "badnets", "target": 0}], [0, 1], "no clean models"),
     ([None], [0, 1], "no backdoored models"),

@@ -180,6 +180,31 @@ def roc_figure(summaries: Sequence[InspectorSummary]) -> bytes | None:
     return _to_png(fig)
 
 
+def distributions(rows: Sequence[Any]) -> list[tuple[str, str, list[str], list[list[str]], str]]:
+    """Input-level (run-time detectors: FRR / FAR) and sample-level (cleansers: TPR / FPR) results over
+    the population's backdoored models, per defense and attack label: median and range over models
+    (every seed: these methods have no population-fitted threshold)."""
+    out = []
+    for fam, keys, tid, title in (
+            ("detector", ("frr", "far"), "population-inputs", "Run-time detectors over the backdoored models (FRR / FAR)"),
+            ("cleanser", ("tpr", "fpr"), "population-samples", "Training-set cleansers over the backdoored models (TPR / FPR)")):
+        got: dict[tuple[str, str], list[dict[str, float]]] = {}
+        for r in rows:
+            if r.family == fam and r.status == "done" and r.attack != "none" and all(k in r.metrics for k in keys):
+                got.setdefault((r.defense, r.attack), []).append(r.metrics)
+        body = []
+        for (d, a), ms in sorted(got.items()):
+            cells = []
+            for k in keys:
+                v = torch.tensor([m[k] for m in ms], dtype=torch.float64)
+                cells.append(f"{float(v.median()):.3f} ({float(v.min()):.3f}-{float(v.max()):.3f})")
+            body.append([d, a, str(len(ms)), *cells])
+        if body:
+            out.append((tid, title, ["defense", "attack", "models", *(f"{k.upper()} median (range)" for k in keys)], body,
+                        "Every seed; each method at its own preset threshold."))
+    return out
+
+
 def tables(rows: Sequence[Any]) -> list[tuple[str, str, list[str], list[list[str]], str]]:
     """(id, title, columns, rows, note) of the population tables; empty when no inspector has a population."""
     sums = summarise(rows)
@@ -215,4 +240,4 @@ def tables(rows: Sequence[Any]) -> list[tuple[str, str, list[str], list[list[str
     out.append(("population-architectures", "False alarms per architecture (evaluation half)",
                 ["inspector", "architecture", "clean models", "false alarms (own rule)", "false alarms (calibrated)",
                  "TPR (calibrated)"], arch, ""))
-    return out
+    return out + distributions(rows)
