@@ -102,7 +102,7 @@ def evaluate(models: list[dict], name: str, fn, own_threshold: float | None = No
     thr = own_threshold if own_threshold is not None else calibrated_threshold(
         [fn(m)[0] for m in cal if m["attack"] == "none"])
     sc = [fn(m) for m in ev]
-    s = torch.tensor([x for x, _ in sc], dtype=torch.float64)
+    s = torch.nan_to_num(torch.tensor([x for x, _ in sc], dtype=torch.float64), nan=-1e9, posinf=1e9, neginf=-1e9)
     t = torch.tensor([m["attack"] != "none" for m in ev])
     flagged = s >= thr if own_threshold is None else s > thr
     named = torch.tensor([m["attack"] != "none" and m["target"] in tg for (_, tg), m in zip(sc, ev)])
