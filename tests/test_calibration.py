@@ -112,5 +112,9 @@ def test_calibrate_then_audit_cli(model_files):
     other.save(model_files / "other.safetensors")
     r = runner.invoke(app, ["audit", "--model", "suspect.pt", *common, "--calibration", "other.safetensors", "--out", "a3"])
     assert r.exit_code == 2 and "calibrate on clean models" in r.output and not (model_files / "a3").exists()
+    # a suspect scanned with other settings than the clean models is refused too
+    r = runner.invoke(app, ["audit", "--model", "suspect.pt", "--data", "clean.npz", "--images-per-class", "20",
+                            "--calibration", "null.safetensors", "--out", "a4"])
+    assert r.exit_code == 2 and "images_per_class 30 (here 20)" in r.output and not (model_files / "a4").exists()
     r = runner.invoke(app, ["calibrate", "--model", "clean0.pt", *common, "--out", "x.safetensors"])
     assert r.exit_code == 2 and "at least 3 clean models" in r.output and not (model_files / "x.safetensors").exists()

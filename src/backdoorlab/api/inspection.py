@@ -247,7 +247,8 @@ def calibrate(models: list[ModelLike], clean: DataLike, out: Any, *, pi: float =
         reached.append(est["reached"])
         per_model.append({"model": str(m) if not hasattr(m, "forward") else type(m).__name__,
                           "seconds": round(float(est["seconds"]), 3)})
-    null = fit(norms, reached, clean_set.shape, source=f"{len(models)} models on {clean_set.num_classes} classes")
+    null = fit(norms, reached, clean_set.shape, source=f"{len(models)} models on {clean_set.num_classes} classes",
+               scan=insp.scan_settings())
     path = null.save(Path(out))
     return CalibrationReport(null, path, per_model, time.perf_counter() - t0)
 

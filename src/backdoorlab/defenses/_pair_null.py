@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -65,6 +65,7 @@ class PairNull:
     n_models: int
     input_shape: tuple[int, ...]
     source: str = ""
+    scan: dict = field(default_factory=dict)  # the scan settings it was fitted with (a suspect must use the same)
 
     @property
     def num_classes(self) -> int:
@@ -85,7 +86,13 @@ class PairNull:
         pz, cz = self.zscores(norms, reached)
         return _combined(pz, cz, self.threshold, self.target_threshold)
 
-    def check(self, num_classes: int, input_shape: Sequence[int]) -> None:
+    def check(self, num_classes: int, input_shape: Sequence[int], scan: dict | None = None) -> None:
+        """Refuse a suspect of another task, or scanned with other settings than the clean models."""
+        diff = {k: (v, (scan or {}).get(k)) for k, v in self.scan.items() if scan is not None and (scan or {}).get(k) != v}
+        if diff:
+            said = ", ".join(f"{k} {a} (here {b})" for k, (a, b) in sorted(diff.items()))
+            raise BackdoorLabError(f"the calibration was fitted with {said}; scan the suspect with the same settings "
+                                   "(e.g. --images-per-class, --pi) or calibrate again")
         if num_classes != self.num_classes or tuple(input_shape) != tuple(self.input_shape):
             raise BackdoorLabError(
                 f"the calibration holds for {self.num_classes} classes of shape {tuple(self.input_shape)}, the suspect "
@@ -100,7 +107,7 @@ class PairNull:
 
         meta = {"kind": "backdoorlab-pair-null", "threshold": repr(self.threshold),
                 "target_threshold": repr(self.target_threshold), "n_models": str(self.n_models),
-                "input_shape": json.dumps(list(self.input_shape)), "source": self.source}
+                "input_shape": json.dumps(list(self.input_shape)), "source": self.source, "scan": json.dumps(self.scan)}
         blob = st_save({"pair_mean": self.pair_mean.contiguous(), "pair_sd": self.pair_sd.contiguous(),
                         "col_mean": self.col_mean.contiguous(), "col_sd": self.col_sd.contiguous()}, metadata=meta)
         atomic_write_bytes(Path(path), blob)
@@ -121,7 +128,7 @@ class PairNull:
                 raise ValueError("not a calibration file")
             return cls(t["pair_mean"], t["pair_sd"], t["col_mean"], t["col_sd"], float(meta["threshold"]),
                        float(meta["target_threshold"]), int(meta["n_models"]), tuple(json.loads(meta["input_shape"])),
-                       meta.get("source", ""))
+                       meta.get("source", ""), json.loads(meta.get("scan", "{}")))
         except BackdoorLabError:
             raise
         except Exception as e:  # a truncated or foreign file
@@ -148,7 +155,7 @@ def _max_z(pz: torch.Tensor) -> float:
 
 
 def fit(norms: Sequence[torch.Tensor], reached: Sequence[torch.Tensor], input_shape: Sequence[int],
-        source: str = "") -> PairNull:
+        source: str = "", scan: dict | None = None) -> PairNull:
     """The null of ``norms`` ((K, K) per clean model; ``reached`` the pairs that reached pi), with
     leave-one-out thresholds. Needs 3 or more models."""
     n = len(norms)
@@ -175,4 +182,4 @@ def fit(norms: Sequence[torch.Tensor], reached: Sequence[torch.Tensor], input_sh
     pm, psd = _mean_sd(res)
     cm, csd = _mean_sd(col)
     return PairNull(pm.float(), psd.float(), cm.float(), csd.float(), thr(pair_max), thr(col_max), n,
-                    tuple(int(s) for s in input_shape), source)
+                    tuple(int(s) for s in input_shape), source, dict(scan or {}))

@@ -116,6 +116,11 @@ class PairwiseTriggerInspector(_TriggerSearch, Inspector):
     seed: int = 0
 
     # ------------------------------------------------------------------ API
+    def scan_settings(self) -> dict[str, Any]:
+        """The settings a calibration (:mod:`._pair_null`) must share with the suspect's scan."""
+        return {"pi": self.pi, "images_per_class": self.images_per_class, "norm": self.norm,
+                "formulation": self.formulation, "steps": self.steps, "opt_images": self.opt_images}
+
     def estimate(self, model: nn.Module, clean: ImageSet, statistic: str | None = None) -> dict:
         """Patterns (K, K, C, H, W), norms (K, K) (NaN diagonal), reached (K, K) for one statistic."""
         check_model_matches(model, clean)
@@ -151,7 +156,7 @@ class PairwiseTriggerInspector(_TriggerSearch, Inspector):
             if self.statistic != "min-norm":
                 raise BackdoorLabError("a calibration applies to the min-norm statistic; drop `statistic: seed`")
             null = PairNull.load(self.calibration)
-            null.check(clean.num_classes, clean.shape)
+            null.check(clean.num_classes, clean.shape, self.scan_settings())
         est = self.estimate(model, clean)
         if null is not None:
             return self._calibrated(est, null, time.perf_counter() - t0)
