@@ -71,13 +71,10 @@ def scan_population(grid: str, cache: Path, params: dict | None = None) -> list[
 
 def score_mad(m: dict) -> tuple[float, set[int]]:
     """The inspector's own MAD rule: (largest anomaly index, targets of the pairs above 3 or targets above 2)."""
-    from backdoorlab.defenses._pair_null import residuals
-    from backdoorlab.defenses.base import mad_anomaly_index
+    from backdoorlab.defenses.pairwise import mad_rule
 
-    res, col = residuals(m["norms"])
-    a = -mad_anomaly_index(res.flatten()).view_as(res)
+    a, ta = mad_rule(m["norms"])
     a[~m["reached"]] = float("nan")
-    ta = -mad_anomaly_index(col, min_scale=0.7)
     named = {int(t) for _, t in torch.nonzero(torch.nan_to_num(a, nan=-1.0) > 3.0).tolist()}
     named |= {int(t) for t in torch.nonzero(ta > 2.0).flatten().tolist()}
     return float(torch.nan_to_num(a, nan=-1e9).max()), named

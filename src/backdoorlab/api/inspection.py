@@ -238,7 +238,7 @@ def calibrate(models: list[ModelLike], clean: DataLike, out: Any, *, pi: float =
         raise BackdoorLabError(f"calibration needs at least 3 clean models (got {len(models)}); give more --model")
     insp = make_defense("pairwise", {"pi": pi, "images_per_class": images_per_class, "seed": seed},
                         family="inspector", where="calibrate")
-    _, clean_set = model_and_data(models[0], clean, split="auto", arch=arch)
+    clean_set = load_data(clean, split="auto")
     nets = [load_model(m, data=clean_set, arch=arch) for m in models]  # every model checked before the first scan
     norms, reached, per_model = [], [], []
     for m, net in zip(models, nets):

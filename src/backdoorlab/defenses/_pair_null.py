@@ -37,7 +37,7 @@ def residuals(norms: torch.Tensor, reached: torch.Tensor | None = None) -> tuple
     """(pair residuals (K, K), column medians (K,)) of the log norms; NaN on the diagonal and, given
     ``reached``, on the pairs that did not reach pi (their norm is the search's budget, not a
     measurement: with them in, a model with many unreached pairs has its medians set by the budget)."""
-    logn = norms.double().clamp_min(1e-6).log()
+    logn = norms.clamp_min(1e-6).log()
     if reached is not None:
         logn = logn.masked_fill(~reached.bool(), float("nan"))
     rowmed = logn.nanmedian(1, keepdim=True).values
@@ -88,7 +88,7 @@ class PairNull:
 
     def check(self, num_classes: int, input_shape: Sequence[int], scan: dict | None = None) -> None:
         """Refuse a suspect of another task, or scanned with other settings than the clean models."""
-        diff = {k: (v, (scan or {}).get(k)) for k, v in self.scan.items() if scan is not None and (scan or {}).get(k) != v}
+        diff = {k: (v, scan.get(k)) for k, v in self.scan.items() if scan.get(k) != v} if scan is not None else {}
         if diff:
             said = ", ".join(f"{k} {a} (here {b})" for k, (a, b) in sorted(diff.items()))
             raise BackdoorLabError(f"the calibration was fitted with {said}; scan the suspect with the same settings "

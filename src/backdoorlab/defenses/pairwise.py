@@ -67,7 +67,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import nn
 
-from backdoorlab.defenses._pair_null import PairNull
+from backdoorlab.defenses._pair_null import PairNull, residuals
 from backdoorlab.defenses._trigger_search import _norm, _TriggerSearch
 from backdoorlab.defenses.base import DEFENSES, InspectionResult, Inspector, mad_anomaly_index
 from backdoorlab.defenses.common import check_model_matches, frozen, images_per_class, precision_context
@@ -75,6 +75,24 @@ from backdoorlab.errors import BackdoorLabError
 from backdoorlab.types import ImageSet
 
 log = logging.getLogger(__name__)
+
+
+def mad_rule(norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min-norm statistic's within-model anomaly indices: (per pair (K, K), per target (K,)),
+    positive when small.
+
+    Two-way log model: a pair's size is its source's ease times its target's ease times its own
+    factor; the residual of log d(v) after removing the row (source) and column (target) medians
+    (:func:`._pair_null.residuals`) is what a planted shortcut makes anomalously small. Per target
+    (all-to-one attacks make a whole column small): Neural Cleanse's rule on the column medians of the
+    log sizes, its scale floored at 0.7 in log units, so that at target_threshold 2 a target must be
+    about 4x easier than the median target: with 10 columns the MAD is fragile (clean MNIST model
+    seed 102 in bench_inspect.py --clean-models 5: five column medians within 0.15 of each other,
+    MAD 0.22, and the naturally easy targets 8 and 2, 3x easier than the median, came out at 5.6
+    and 4.5). An all-to-one trigger makes its column 10x+ smaller."""
+    res, colmed = residuals(norms)
+    anomaly = -mad_anomaly_index(res.flatten()).view_as(res).float()
+    return anomaly, -mad_anomaly_index(colmed, min_scale=0.7).float()
 
 
 @DEFENSES.register("pairwise", "reverse-engineer an additive trigger for every (source, target) pair; flag outlier pairs (seed 000)")
@@ -164,20 +182,7 @@ class PairwiseTriggerInspector(_TriggerSearch, Inspector):
         k = clean.num_classes
         target_anomaly = torch.full((k,), float("nan"))
         if self.statistic == "min-norm":
-            # two-way log model: a pair's size is its source's ease times its target's ease times its
-            # own factor; the residual of log d(v) after removing the row (source) and column (target)
-            # medians is what a planted shortcut makes anomalously small
-            logn = norms.clamp_min(1e-6).log()
-            rowmed = logn.nanmedian(1, keepdim=True).values
-            colmed = logn.nanmedian(0, keepdim=True).values
-            anomaly = -mad_anomaly_index((logn - rowmed - colmed).flatten()).view(k, k).float()
-            # per target (all-to-one attacks make a whole column small): Neural Cleanse's rule on the
-            # column medians of the log sizes. The scale is floored at 0.7 in log units, so that at target_threshold 2 a target must be
-            # about 4x easier than the median target: with 10 columns the MAD is fragile (clean
-            # MNIST model seed 102 in bench_inspect.py --clean-models 5: five column medians within
-            # 0.15 of each other, MAD 0.22, and the naturally easy targets 8 and 2, 3x easier than the
-            # median, came out at 5.6 and 4.5). An all-to-one trigger makes its column 10x+ smaller.
-            target_anomaly = -mad_anomaly_index(colmed.flatten(), min_scale=0.7).float()
+            anomaly, target_anomaly = mad_rule(norms)
         else:
             anomaly = mad_anomaly_index(norms.flatten()).view(k, k).float()
         flagged = [(int(s), int(t)) for s, t in torch.nonzero(anomaly > self.threshold).tolist()]
