@@ -37,7 +37,7 @@ class TrainConfig(BaseModel):
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    schedule: Literal["cosine", "step", "constant", "linear"] = "cosine"
     step_size: int = Field(30, ge=1, description="epochs between lr drops (x0.1) for schedule 'step'")
     warmup: float = Field(0.3, ge=0, le=100, description="epochs of linear learning-rate warm-up from 0 (0: none; without it "
                           "the small CNN at lr 0.05 can collapse to one class, e.g. blend on full MNIST)")
@@ -46,6 +46,12 @@ class TrainConfig(BaseModel):
     flip: bool = Field(False, description="random horizontal flip (never for digits or signs)")
     channels_last: bool = Field(True, description="channels_last memory format (2-3x faster convolutions on CPU)")
     eval_batch_size: int = Field(1024, ge=1)
+    decoupled_weight_decay: bool = Field(False, description="weight decay as a per-step shrink by weight_decay x the "
+                                         "schedule's factor, whatever the learning rate (airbench's convention)")
+    lookahead: bool = Field(False, description="airbench's lookahead: every 5 steps an EMA of the weights (decay "
+                            "0.95^5 x progress^3) is copied back; the final weights are the EMA")
+    autocast: Literal["off", "auto", "bf16"] = Field("off", description="bfloat16 autocast of the training forward "
+                                                     "pass: auto = where the CPU runs bf16 natively (AMX / AVX-512 BF16)")
 
 
 @dataclass
@@ -85,10 +91,62 @@ def _memory_format(model: nn.Module, on: bool) -> torch.memory_format:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, params=None) -> torch.optim.Optimizer:
-    params = list(model.parameters()) if params is None else params
+    """The optimizer of ``cfg``. A model with ``param_groups()`` (dicts of ``params`` and
+    ``lr_scale``) gets one group each; the trainer multiplies the scheduled rate by ``lr_scale``.
+    With ``decoupled_weight_decay`` a group's decay is ``weight_decay / (lr x lr_scale)``, so that
+    the step shrinks the weights by ``weight_decay`` x the schedule's factor in every group."""
+    if params is None and hasattr(model, "param_groups") and callable(model.param_groups):
+        groups = [dict(g) for g in model.param_groups() if g["params"]]
+    else:
+        groups = [{"params": list(model.parameters()) if params is None else list(params), "lr_scale": 1.0}]
+    for g in groups:
+        g.setdefault("lr_scale", 1.0)
+        wd = cfg.weight_decay / (cfg.lr * g["lr_scale"]) if cfg.decoupled_weight_decay else cfg.weight_decay
+        g["weight_decay"] = wd
+        g["lr"] = cfg.lr * g["lr_scale"]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def bf16_autocast_supported() -> bool:
+    """True where oneDNN runs bfloat16 natively (AMX or AVX-512 BF16) and is allowed to (an
+    ``ONEDNN_MAX_CPU_ISA`` / ``ATEN_CPU_CAPABILITY`` below that turns it off: bf16 would then be
+    emulated, slower than fp32)."""
+    try:
+        native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        return bool(native and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                    and torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2", "NO AVX"))
+    except (AttributeError, RuntimeError):  # an older torch or a build without oneDNN
+        return False
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training run (None: fp32)."""
+    if cfg.autocast == "off" or device.type != "cpu":
+        return None
+    if cfg.autocast == "bf16" or bf16_autocast_supported():
+        return torch.bfloat16
+    log.info("autocast auto: this CPU has no native bfloat16; training in float32")
+    return None
+
+
+class Lookahead:
+    """airbench's lookahead: every ``every`` steps the slow weights (an EMA of the float state)
+    move toward the fast ones with decay ``0.95^every x (step / total)^3`` and are copied back."""
+
+    def __init__(self, model: nn.Module, every: int = 5) -> None:
+        self.every = every
+        self.fast = [t for t in model.state_dict().values() if t.is_floating_point()]
+        self.slow = [t.detach().clone() for t in self.fast]
+
+    @torch.no_grad()
+    def step(self, step: int, total: int) -> None:
+        if step % self.every and step != total:
+            return
+        decay = 1.0 if step == total else 0.95 ** self.every * (step / total) ** 3
+        torch._foreach_lerp_(self.slow, self.fast, 1.0 - decay)
+        torch._foreach_copy_(self.fast, self.slow)
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
@@ -103,6 +161,9 @@ def _scheduled(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: i
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * step / max(1, total_steps)))
     if cfg.schedule == "step":
         return cfg.lr * (0.1 ** ((step // max(1, steps_per_epoch)) // cfg.step_size))
+    if cfg.schedule == "linear":  # flat during the warm-up, then down to 0 at the end
+        warm = cfg.warmup * steps_per_epoch
+        return cfg.lr if step < warm else cfg.lr * max(0.0, (total_steps - step) / max(1.0, total_steps - warm))
     return cfg.lr
 
 
@@ -130,12 +191,18 @@ def train(
     model.to(memory_format=fmt)
     loader = TensorLoader(data.x, data.y, cfg.batch_size, shuffle=True, generator=g,
                           augment=Augment(cfg.crop_padding, cfg.flip), transform=transform)
+    if hasattr(model, "init_from_data") and callable(model.init_from_data):  # data-dependent init (fastnet's
+        # whitening); the model does it once only, so fine-tuning a trained model keeps it
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:5000]
+        model.init_from_data(data.float_batch(idx).to(device))
     opt = make_optimizer(model, cfg)
+    amp = autocast_dtype(cfg, device)
     loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing))
     steps_per_epoch = len(loader)
     total = steps_per_epoch * cfg.epochs
     hist = History()
     step = 0
+    lookahead = Lookahead(model) if cfg.lookahead else None
     for cb in callbacks:
         cb("train_start", total_steps=total, epochs=cfg.epochs)
     for epoch in range(cfg.epochs):
@@ -147,16 +214,24 @@ def train(
         for xb, yb in loader:
             lr = lr_at(cfg, step, total, steps_per_epoch)
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             xb = xb.to(device, non_blocking=True).contiguous(memory_format=fmt)
             yb = yb.to(device, non_blocking=True)
-            logits = model(xb)
-            loss = loss_fn(logits, yb)
+            if amp is None:
+                logits = model(xb)
+                loss = loss_fn(logits, yb)
+            else:
+                with torch.autocast(device.type, dtype=amp):
+                    logits = model(xb)
+                logits = logits.float()
+                loss = loss_fn(logits, yb)
             if not torch.isfinite(loss):
                 raise BackdoorLabError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower train.lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if lookahead is not None:
+                lookahead.step(step + 1, total)
             with torch.no_grad():
                 loss_sum += loss.detach().double() * yb.shape[0]
                 correct += (logits.argmax(1) == yb).sum()

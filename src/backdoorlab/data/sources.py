@@ -11,7 +11,11 @@ Sources:
 - ``digits``: scikit-learn's 1,797 8x8 digits (shipped with scikit-learn).
 - ``mnist``, ``cifar10``, ``gtsrb``: read through ``torchvision.datasets`` from ``root``; the
   compact ``.npz`` copies laid out as in ``shared/data`` (``root/mnist/mnist.npz``,
-  ``root/cifar10/cifar10_*.npz``, ``root/gtsrb/gtsrb32_*.npz``) are read too.
+  ``root/cifar10/cifar10_*.npz``, ``root/gtsrb/gtsrb32_*.npz``) are read too. ``cifar10`` with
+  ``full=true`` reads all 50,000 training images from ``root/cifar10/parquet/`` (the Hugging Face
+  parquet layout, through the ``parquet`` source: :mod:`backdoorlab.data.parquet`); without the
+  ``.npz`` subset it reads that folder too.
+- ``parquet``: a Hugging Face image data set downloaded as parquet (:mod:`backdoorlab.data.parquet`).
 - ``npz``: any file with ``x`` uint8 (N,H,W) or (N,H,W,C) and ``y`` int (or ``x_train``,
   ``y_train``, ``x_test``, ``y_test``); ``test_path`` names a second file for the test set.
 - ``folder``: an image folder (``torchvision.datasets.ImageFolder``: one sub-folder per class).
@@ -193,10 +197,24 @@ def mnist(root: str | None = None, download: bool = False) -> RawData:
     return RawData(_from_vision(tr, "mnist", 10), _from_vision(te, "mnist-test", 10))
 
 
-@DATASETS.register("cifar10", "CIFAR-10 through torchvision.datasets.CIFAR10 from root (or root/cifar10/cifar10_*.npz)")
-def cifar10(root: str | None = None, download: bool = False) -> RawData:
+@DATASETS.register("cifar10", "CIFAR-10 through torchvision.datasets.CIFAR10 from root (or root/cifar10/cifar10_*.npz; "
+                   "full=true: all 50,000 from root/cifar10/parquet/)")
+def cifar10(root: str | None = None, download: bool = False, full: bool = False, cache: object = None) -> RawData:
     r = Path(root) if root else default_root()
     tr_npz, te_npz = r / "cifar10" / "cifar10_train_subset_jpeg.npz", r / "cifar10" / "cifar10_test_jpeg.npz"
+    pq_dir = r / "cifar10" / "parquet"
+    use_parquet = pq_dir.is_dir() and not download and (full or not (tr_npz.is_file() and te_npz.is_file()))
+    if full and not use_parquet and not download:
+        raise _missing("cifar10", r, "cifar10/parquet/{train,test}-*.parquet (the full set, Hugging Face layout) for "
+                       "full=true")
+    if use_parquet:
+        from backdoorlab.data.parquet import parquet
+
+        raw = parquet(str(pq_dir), num_classes=10, cache=cache)
+        named = raw.train.class_names != tuple(str(i) for i in range(10))  # the file's ClassLabel names, if any
+        names = raw.train.class_names if named else CIFAR10_CLASSES
+        return RawData(ImageSet(raw.train.x, raw.train.y, 10, names, "cifar10"),
+                       ImageSet(raw.test.x, raw.test.y, 10, names, "cifar10-test") if raw.test is not None else None)
     if tr_npz.is_file() and te_npz.is_file() and not download:
         return npz(str(tr_npz), test_path=str(te_npz), num_classes=10)
     from torchvision.datasets import CIFAR10

@@ -1,0 +1,278 @@
+"""CIFAR-10 at full scale on a CPU (issue 26): parquet load times, fastnet's time-to-accuracy, seconds
+per epoch beside preact-resnet18, and victims of 10%-poisoned attacks trained with the fastnet recipe.
+
+Parts (each one command; run each under ``flock /tmp/heavy.lock`` on a shared machine):
+
+- ``load``: the full parquet set (50,000 + 10,000 JPEGs) decoded the first time (into a fresh cache
+  folder) and from the cache (median of 3), through ``load_source("cifar10", full=True)``.
+- ``train``: ``configs/fastnet_cifar10.yaml`` (clean) through the library's trainer; after each epoch
+  from ``--curve-from`` on, CA on the 10,000 test images (evaluated under bf16 autocast where the
+  CPU has it, with the model's flip TTA; the evaluation time is not counted in the training clock),
+  the time to CA 0.90 / 0.92 / 0.94, then the final CA in float32 with the library's ``evaluate``.
+  ``--subset``: the 10,000-image npz subset (9,500 after the 5% holdout) instead of the 50,000.
+- ``epoch``: seconds per epoch of fastnet and preact-resnet18 on 47,500 images, from ``--batches``
+  timed training steps (after 2 warm-up steps), same batch size, fp32 and bf16 autocast.
+- ``attack``: ``--attack badnets|blend`` (10% poisoned, all-to-one -> 0) with the fastnet recipe:
+  CA, ASR; ``--strip`` also screens the triggered and clean test sets with STRIP (FRR preset 1% on
+  the clean holdout): FRR, FAR; ``strip --load F`` does that for a victim saved by ``attack --save F``.
+
+    BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py load
+    BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py train [--epochs 10] [--subset] [--seed 0]
+    BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py epoch [--batches 6]
+    BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py attack --attack badnets [--strip] [--save F]
+    BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py strip --attack badnets --load F [--strip-n 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from _common import ROOT, header, need_shared
+
+from backdoorlab.train import bf16_autocast_supported
+
+
+def _cpu() -> str:
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    kind = "AMX+AVX-512 BF16" if "amx_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "?"
+    return (f"{kind}; torch capability {torch.backends.cpu.get_cpu_capability()}; "
+            f"bf16 autocast {'on' if bf16_autocast_supported() else 'off (fp32)'}")
+
+
+def part_load(args) -> dict:
+    from backdoorlab.data import load_source
+
+    with tempfile.TemporaryDirectory(prefix="bl-cache-") as d:
+        t0 = time.perf_counter()
+        raw = load_source("cifar10", full=True, cache=d)
+        first = time.perf_counter() - t0
+        cached = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            raw2 = load_source("cifar10", full=True, cache=d)
+            cached.append(time.perf_counter() - t0)
+        same = bool(torch.equal(raw.train.x, raw2.train.x) and torch.equal(raw.test.y, raw2.test.y))
+    out = {"first_load_s": round(first, 2), "cached_load_s": round(statistics.median(cached), 3),
+           "num_train": len(raw.train), "num_test": len(raw.test), "cache_equal": same}
+    print(f"first load {first:.2f} s (bar 30), from the cache {statistics.median(cached):.3f} s (bar 2); "
+          f"{len(raw.train)} + {len(raw.test)} images; cached arrays equal: {same}")
+    return out
+
+
+def _eval_fast(model, data, amp: bool) -> float:
+    from backdoorlab.train import evaluate
+
+    if not amp:
+        return evaluate(model, data)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return evaluate(model, data)
+
+
+def _config(args, attack: str | None = None):
+    from backdoorlab.config import load_config
+
+    over = [f"seed={args.seed}", f"train.epochs={args.epochs}"]
+    if args.subset:
+        over.append("data.full=false")
+    if attack:
+        over += [f"attack.name={attack}", "attack.rate=0.1", "attack.target=0"]
+        if attack == "badnets":
+            over.append("attack.size=3")
+    doc_path = ROOT / "configs" / "fastnet_cifar10.yaml"
+    if attack:
+        import yaml
+
+        from backdoorlab.config import ExperimentConfig, apply_overrides
+
+        doc = yaml.safe_load(doc_path.read_text())
+        doc["attack"] = {"name": attack}
+        return ExperimentConfig.model_validate(apply_overrides(doc, over))
+    return load_config(doc_path, over)
+
+
+def part_train(args, attack: str | None = None) -> dict:
+    from backdoorlab.experiment import evaluate_victim, prepare, setup_torch
+    from backdoorlab.models import ModelSpec, build_model
+    from backdoorlab.train import evaluate, train
+
+    cfg = _config(args, attack)
+    setup_torch(cfg)
+    t0 = time.perf_counter()
+    prep = prepare(cfg)
+    load_s = time.perf_counter() - t0
+    data, test = prep.train_set, prep.splits.test
+    training_set = data.without_ground_truth() if hasattr(data, "without_ground_truth") else data
+    torch.manual_seed(cfg.seed)
+    model = build_model(ModelSpec("fastnet", data.num_classes, data.shape, cfg.model.extras()))
+    amp = bf16_autocast_supported() and cfg.train.autocast != "off"
+    curve: list[dict] = []
+    clock = {"train": 0.0}
+
+    def cb(event, **info):
+        if event != "epoch_end":
+            return
+        st = info["stats"]
+        clock["train"] += st.seconds
+        row = {"epoch": st.epoch, "train_s": round(clock["train"], 1), "loss": round(st.loss, 4)}
+        if st.epoch >= args.curve_from or st.epoch == cfg.train.epochs:
+            te = time.perf_counter()
+            row["ca"] = round(_eval_fast(model, test, amp), 4)
+            row["eval_s"] = round(time.perf_counter() - te, 1)
+            model.train()
+        curve.append(row)
+        print("  ", json.dumps(row), flush=True)
+
+    # the trainer's set-up before the first epoch (the whitening init) is counted in the curve's clock
+    t0 = time.perf_counter()
+    hist = train(model, training_set, cfg.train, seed=cfg.seed, callbacks=(cb,))
+    wall = time.perf_counter() - t0
+    setup_s = wall - clock["train"] - sum(r.get("eval_s", 0) for r in curve)
+    for r in curve:
+        r["train_s"] = round(r["train_s"] + setup_s, 1)
+    tta = {}
+    for bar in (0.90, 0.92, 0.94):
+        hit = next((r for r in curve if r.get("ca", 0) >= bar), None)
+        tta[f"{bar:.2f}"] = None if hit is None else {"epoch": hit["epoch"], "seconds": hit["train_s"]}
+    t0 = time.perf_counter()
+    if attack:
+        metrics = evaluate_victim(model, prep, cfg.train.eval_batch_size)
+    else:
+        metrics = {"clean_accuracy": evaluate(model, test)}
+    final_eval_s = time.perf_counter() - t0
+    out = {"config": "configs/fastnet_cifar10.yaml", "attack": attack, "seed": cfg.seed, "epochs": cfg.train.epochs,
+           "num_train": len(data), "num_test": len(test), "data_s": round(load_s, 1), "train_s": round(wall - sum(
+               r.get("eval_s", 0) for r in curve), 1), "bf16": amp, "curve": curve, "time_to": tta,
+           "final_fp32": {k: round(float(v), 4) for k, v in metrics.items() if isinstance(v, (int, float))},
+           "final_eval_s": round(final_eval_s, 1), "img_per_s": round(statistics.median(e.images_per_second for e in hist.epochs))}
+    print(json.dumps({k: v for k, v in out.items() if k != "curve"}))
+    if args.save:
+        from backdoorlab.models import save_model
+
+        save_model(model, Path(args.save))
+    if args.strip and attack:
+        out["strip"] = _strip(model, prep, cfg)
+        print("   strip:", json.dumps(out["strip"]))
+    return out
+
+
+def _strip(model, prep, cfg, n: int | None = None, superimpose: str = "sum") -> dict:
+    """STRIP (FRR preset 1% on the clean holdout) on the first ``n`` clean and triggered test images."""
+    from backdoorlab.defenses import DEFENSES
+
+    det = DEFENSES.create("strip", frr=0.01, superimpose=superimpose)
+    t0 = time.perf_counter()
+    det.fit(model, prep.splits.holdout)
+    clean = det.detect(prep.splits.test.x[:n]).flagged
+    trig = det.detect(prep.triggered_test.x[:n]).flagged
+    return {"holdout": len(prep.splits.holdout), "clean": int(clean.numel()), "triggered": int(trig.numel()),
+            "frr": round(float(clean.float().mean()), 4), "far": round(1 - float(trig.float().mean()), 4),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def part_strip(args) -> dict:
+    """STRIP on a victim saved by ``attack --save``: the same data (seeded), the model from the file."""
+    from backdoorlab.experiment import evaluate_victim, prepare, setup_torch
+    from backdoorlab.models import load_model
+
+    cfg = _config(args, args.attack)
+    setup_torch(cfg)
+    prep = prepare(cfg)
+    model = load_model(Path(args.load), num_classes=10, input_shape=(3, 32, 32))
+    if args.no_tta:
+        model.tta = False
+    out = {"attack": args.attack, "seed": cfg.seed, "model": args.load, "superimpose": args.superimpose,
+           "tta": not args.no_tta}
+    if not args.no_eval:
+        out["victim"] = {k: round(float(v), 4) for k, v in evaluate_victim(model, prep).items()}
+    out["strip"] = _strip(model, prep, cfg, args.strip_n, args.superimpose)
+    print(json.dumps(out))
+    return out
+
+
+def part_epoch(args) -> dict:
+    from backdoorlab.models import ModelSpec, build_model
+    from backdoorlab.train import _memory_format
+
+    out = {}
+    n_train, bs = 47_500, 512
+    for name in ("fastnet", "preact-resnet18"):
+        for amp in ((False, True) if bf16_autocast_supported() else (False,)):
+            torch.manual_seed(0)
+            m = build_model(ModelSpec(name, 10, (3, 32, 32), {}))
+            fmt = _memory_format(m, True)
+            m.to(memory_format=fmt).train()
+            opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+            x = torch.rand(bs, 3, 32, 32).contiguous(memory_format=fmt)
+            y = torch.randint(0, 10, (bs,))
+            times = []
+            for i in range(args.batches + 2):
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    logits = m(x)
+                loss = torch.nn.functional.cross_entropy(logits.float(), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if i >= 2:
+                    times.append(time.perf_counter() - t0)
+            per = statistics.median(times)
+            key = f"{name} {'bf16' if amp else 'fp32'}"
+            out[key] = {"img_per_s": round(bs / per), "s_per_epoch": round(per * n_train / bs, 1)}
+            print(f"   {key:24s} {bs / per:7.0f} img/s  {per * n_train / bs:7.1f} s/epoch (47,500 images, batch {bs})", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("part", choices=["load", "train", "epoch", "attack", "strip"])
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--subset", action="store_true", help="the 10,000-image npz subset instead of the full set")
+    ap.add_argument("--curve-from", type=int, default=5, help="first epoch evaluated for the curve")
+    ap.add_argument("--batches", type=int, default=6)
+    ap.add_argument("--attack", choices=["badnets", "blend"], default="badnets")
+    ap.add_argument("--strip", action="store_true")
+    ap.add_argument("--save", help="write the trained model here (.safetensors)")
+    ap.add_argument("--load", help="strip: the victim saved by `attack --save`")
+    ap.add_argument("--strip-n", type=int, default=None, help="strip: screen the first N clean and N triggered test images")
+    ap.add_argument("--no-eval", action="store_true", help="strip: skip the victim's CA / ASR")
+    ap.add_argument("--superimpose", choices=["sum", "add", "average"], default="sum", help="strip: STRIP's blend")
+    ap.add_argument("--no-tta", action="store_true", help="strip: screen with the model's flip TTA off")
+    ap.add_argument("--json", help="append the result as one JSON line to this file")
+    args = ap.parse_args()
+    need_shared()
+    os.environ.setdefault("BACKDOORLAB_DATA", str(need_shared()))
+    header(f"bench_cifar_full {args.part}")
+    print(f"   cpu kind: {_cpu()}")
+    if args.part == "load":
+        res = part_load(args)
+    elif args.part == "train":
+        res = part_train(args)
+    elif args.part == "epoch":
+        res = part_epoch(args)
+    elif args.part == "strip":
+        res = part_strip(args)
+    else:
+        res = part_train(args, attack=args.attack)
+    if args.json:
+        with open(args.json, "a") as fh:
+            fh.write(json.dumps({"part": args.part, "cpu": _cpu(), **res}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
