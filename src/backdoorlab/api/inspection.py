@@ -55,6 +55,7 @@ class CleanseReport(Report):
     data: ImageSet
     seconds: float
     truth: torch.Tensor | None = None
+    trained_model: dict[str, Any] | None = None  # the model trained on ``data`` when none was given
 
     @property
     def flagged(self) -> torch.Tensor:
@@ -85,6 +86,8 @@ class CleanseReport(Report):
     def _dict(self) -> dict[str, Any]:
         d = {**self.cleanser.summary(self.result), "method": self.method, "num_flagged": len(self.flagged_indices),
              **self.audit_fields(), "seconds": round(self.seconds, 3)}
+        if self.trained_model is not None:
+            d["trained_model"] = self.trained_model
         if self.truth is not None:
             from backdoorlab.evaluation import Applied, Truth, score
 
@@ -108,22 +111,50 @@ class CleanseReport(Report):
         return {"flagged.csv": ("\n".join(lines) + "\n").encode(), "cleanse.npz": buf.getvalue()}
 
 
-def cleanse(train: DataLike, model: ModelLike, *, method: Any = "pattern-subtraction", clean: DataLike | None = None,
-            inspection: InspectionResult | AuditReport | None = None, seed: int = 0, arch: str | None = None,
-            **params: Any) -> CleanseReport:
+def cleanse(train: DataLike, model: ModelLike | None = None, *, method: Any = "pattern-subtraction",
+            clean: DataLike | None = None, inspection: InspectionResult | AuditReport | None = None, seed: int = 0,
+            arch: str | None = None, train_arch: str = "cnn", train_epochs: int = 4, **params: Any) -> CleanseReport:
     """Flag the poisoned samples of a training set (.npz / folder / name / ImageSet) and correct
-    their labels with a cleanser (``method``: a name, or a built Cleanser). ``inspection``: an
-    earlier audit (or its InspectionResult) the cleanser builds on; without it, a cleanser that needs
-    one runs its own scan on ``clean``. ``params`` are the method's parameters."""
+    their labels with a cleanser (``method``: a name, or a built Cleanser). ``model`` is the model
+    trained on that set; without one, a ``train_arch`` model is trained on it (``train_epochs``,
+    ``seed``) and the report says so (``trained_model``). ``inspection``: an earlier audit (or its
+    InspectionResult) the cleanser builds on; without it, a cleanser that needs one runs its own
+    scan on ``clean``. ``params`` are the method's parameters."""
     t0 = time.perf_counter()
     cl = make_defense(method, params, family="cleanser", defaults={"seed": seed})
     data, truth = _training_set(train)
-    net = load_model(model, data=data, arch=arch)
     clean_set = load_data(clean, split="auto") if clean is not None else None
     _check_same_task(data, clean_set)
+    trained = None
+    if model is None:
+        model, trained = _train_on(data, train_arch, train_epochs, seed)
+        t0 = time.perf_counter()  # ``seconds`` is the cleanser's; the training has its own
+    net = load_model(model, data=data, arch=arch)
     if isinstance(inspection, AuditReport):
         inspection = inspection.inspection
-    return _cleanse(cl, method, data, truth, net, clean_set, inspection, t0)
+    report = _cleanse(cl, method, data, truth, net, clean_set, inspection, t0)
+    report.trained_model = trained
+    return report
+
+
+def _train_on(data: ImageSet, arch: str, epochs: int, seed: int) -> tuple[Any, dict[str, Any]]:
+    """A ``arch`` model trained on the training set itself (the cleansers' model when none is given)."""
+    import logging
+
+    from backdoorlab.models import ModelSpec, build_model
+    from backdoorlab.train import TrainConfig, evaluate, train
+
+    if epochs < 1:
+        raise BackdoorLabError(f"train_epochs must be at least 1; got {epochs}")
+    logging.getLogger(__name__).info("no model given: training a %s on the %d training images (%d epochs, seed %d)",
+                                     arch, len(data), epochs, seed)
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    net = build_model(ModelSpec(arch, data.num_classes, data.shape))
+    train(net, defended(data), TrainConfig(epochs=epochs), seed=seed)
+    net.eval()
+    return net, {"arch": arch, "epochs": epochs, "seed": seed, "train_accuracy": evaluate(net, data),
+                 "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _training_set(train: DataLike) -> tuple[ImageSet, torch.Tensor | None]:

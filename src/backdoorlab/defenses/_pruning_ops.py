@@ -33,9 +33,12 @@ class PruneTarget:
     """The module whose output channels are pruned, and the BatchNorm2d fed by it (if any)."""
 
     def __init__(self, model: nn.Module, layer: str | None) -> None:
-        if isinstance(model, torch.jit.ScriptModule) or any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
-            raise BackdoorLabError("pruning needs a registered architecture with safetensors weights; "
-                                   "a TorchScript model's layers cannot be pruned")
+        from backdoorlab.defenses._surgery import is_foreign
+
+        self.surgery: Any = None
+        if is_foreign(model):
+            self._from_graph(model, layer)
+            return
         modules = dict(model.named_modules())
         convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
         if not convs:
@@ -64,9 +67,36 @@ class PruneTarget:
             self.channels = int(mod.out_channels if isinstance(mod, nn.Conv2d) else mod.num_features)
         self.gate: str | None = None  # BatchNorm2d directly consuming the conv output
 
+    def _from_graph(self, model: nn.Module, layer: str | None) -> None:
+        """A foreign model (TorchScript, torch.export): its convolutions from its graph
+        (:class:`~backdoorlab.defenses._surgery.Surgery`); ``layer`` names one by its weight's
+        prefix (default: the last)."""
+        from backdoorlab.defenses._surgery import Surgery, is_torchscript
+
+        shape = getattr(model, "input_shape", None)
+        if shape is None:
+            raise BackdoorLabError(f"this {'TorchScript' if is_torchscript(model) else 'graph'} module does not know its "
+                                   "input shape; load the model with backdoorlab.api.load_model (or wrap it in "
+                                   "backdoorlab.models.io.ForeignModel) to prune it")
+        s = Surgery(model, torch.zeros(2, *shape))
+        units = s.require_convs("pruning")
+        names = [u.name for u in units]
+        if layer is not None and layer not in names:
+            raise BackdoorLabError(f"layer {layer!r} is not a convolution of this model; its convolutions: {', '.join(names)}")
+        unit = units[-1] if layer is None else units[names.index(layer)]
+        self.surgery, self.unit = s, unit
+        self.name, self.module, self.linear_inputs, self.channels = unit.name, None, False, unit.channels
+        self.gate = None
+
     def param_names(self, weights_only: bool = False) -> list[str]:
         """Full parameter names zeroed for a pruned channel (conv weight/bias, gate BN weight/bias;
         a Linear layer's weight only: its bias belongs to its outputs)."""
+        if self.surgery is not None:
+            u, full = self.unit, self.surgery.full_name
+            names = [u.weight] + ([] if weights_only else [n for n in (u.bias,) if n is not None])
+            if self.gate is not None and not weights_only:
+                names += [u.gate_weight, u.gate_bias]
+            return [full(n) for n in names]
         names = [f"{self.name}.weight"]
         if not weights_only and not self.linear_inputs:
             if getattr(self.module, "bias", None) is not None:
@@ -84,6 +114,8 @@ def channel_activations(model: nn.Module, target: PruneTarget, data: ImageSet, b
     Sets ``target.gate`` to that BatchNorm's name (or None)."""
     from backdoorlab.train import predict_logits
 
+    if target.surgery is not None:
+        return _graph_activations(model, target, data, batch_size)
     state: dict[str, Any] = {"out": None, "gates": set()}
     sums = {"layer": torch.zeros(target.channels, dtype=torch.float64),
             "gate": torch.zeros(target.channels, dtype=torch.float64)}
@@ -125,6 +157,25 @@ def channel_activations(model: nn.Module, target: PruneTarget, data: ImageSet, b
     target.gate = next(iter(state["gates"]), None)
     n = max(1, len(data))
     return (sums["gate"] if target.gate is not None else sums["layer"]) / n
+
+
+def _graph_activations(model: nn.Module, target: PruneTarget, data: ImageSet, batch_size: int) -> torch.Tensor:
+    """:func:`channel_activations` of a foreign model, from a tap on its graph (the gate batch
+    norm's output when one directly follows the convolution)."""
+    from backdoorlab.defenses._surgery import Surgery
+
+    s = target.surgery
+    if s.model is not model:  # a copy (the iterative schedule): the same layer of its own graph
+        s = Surgery(model, data.float_batch(slice(0, 2)))
+    unit = next(u for u in s.units if u.name == target.name)
+    run = s.tap([unit.gate_node])
+    target.gate = unit.gate_weight[: -len(".weight")] if unit.gated and unit.gate_weight else None
+    total = torch.zeros(target.channels, dtype=torch.float64)
+    model.eval()
+    for i in range(0, len(data), batch_size):
+        _, (a,) = run(data.float_batch(slice(i, i + batch_size)))
+        total += torch.relu(a.float()).mean(dim=(2, 3)).sum(0).double()
+    return total / max(1, len(data))
 
 
 def channel_masks(model: nn.Module, target: PruneTarget, channels: torch.Tensor) -> dict[str, torch.Tensor]:

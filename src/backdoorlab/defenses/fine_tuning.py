@@ -17,6 +17,9 @@ Deviations, and why:
 - *The curve* has two rows at pruned fraction 0 (``finetuned`` = 0 before, 1 after), so that it
   reads like the pruning repairers' curves and shares their report hooks.
 
+Any differentiable model: our architectures, TorchScript files and ``torch.export`` programs (a
+foreign model keeps the mode it was captured in: its batch-norm statistics stay frozen).
+
 ``repair(model, clean, *, evaluate=None)``: ``clean`` is the defender's clean held-out set; the
 optional ``evaluate`` callback (CA and ASR on the caller's test sets) only adds them to the curve
 and never influences the repair. The input model is not modified.
@@ -34,6 +37,7 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 from torch import nn
 
+from backdoorlab.defenses._surgery import model_copy
 from backdoorlab.defenses._pruning_ops import _CONFIG, _check_sets, _CurveHooks, _Evaluator, _summary, apply_masks
 from backdoorlab.defenses.base import DEFENSES, Evaluate, RepairResult, Repairer
 from backdoorlab.types import ImageSet
@@ -55,7 +59,7 @@ def _fine_tune(t: _TuneParams, model: nn.Module, clean: ImageSet, masks: dict[st
     """A fine-tuned copy of ``model`` (masked parameters re-zeroed after every optimiser step)."""
     from backdoorlab.train import TrainConfig, train
 
-    tuned = copy.deepcopy(model)
+    tuned = model_copy(model)  # leaf parameters an optimiser takes, TorchScript included
     cfg = TrainConfig(epochs=t.epochs, batch_size=t.tune_batch_size, lr=t.lr, momentum=t.momentum,
                       weight_decay=t.weight_decay, schedule="cosine", crop_padding=t.crop_padding, flip=t.flip)
 
@@ -66,6 +70,24 @@ def _fine_tune(t: _TuneParams, model: nn.Module, clean: ImageSet, masks: dict[st
     hist = train(tuned, clean, cfg, seed=t.seed, callbacks=(keep_pruned,))
     tuned.eval()
     return tuned, hist.as_dict()
+
+
+def start_repair(model: nn.Module, clean: ImageSet, evaluate: Evaluate | None, batch_size: int) -> tuple[_Evaluator, nn.Module, dict]:
+    """The checks and the copy every repair starts with: (held-out evaluator, a trainable eval-mode copy
+    of ``model``, its figures before the repair)."""
+    _check_sets(model, clean)
+    ev = _Evaluator(clean, evaluate, batch_size)
+    net = model_copy(model)
+    return ev, net, ev(net)
+
+
+def two_row_result(method: str, model: nn.Module, before: dict, after: dict, **details: Any) -> RepairResult:
+    """A repair's result with the fine-tuning curve's shape: two rows at pruned fraction 0 (before,
+    after; ``finetuned`` 0 / 1), ``details`` with CA / ASR / held-out accuracy before and after."""
+    zero = {"fraction": 0.0, "pruned_fraction": float(details.get("pruned_fraction", 0.0)), "pruned": 0.0}
+    curve = [{**zero, "pruned_fraction": 0.0, "finetuned": 0.0, **before}, {**zero, "finetuned": 1.0, **after}]
+    d = {"method": method, "chosen_fraction": 0.0, "pruned_fraction": 0.0, "pruned": 0, **details, **_summary(before, after)}
+    return RepairResult(model, curve, d)
 
 
 @DEFENSES.register("fine-tuning", "fine-tuning on the clean held-out set with a small learning rate")
@@ -81,9 +103,4 @@ class FineTuning(_CurveHooks, _TuneParams, Repairer):
         base = copy.deepcopy(model).eval()
         before = ev(base)
         tuned, hist = _fine_tune(self, base, clean, None)
-        after = ev(tuned)
-        zero = {"fraction": 0.0, "pruned_fraction": 0.0, "pruned": 0.0}
-        curve = [{**zero, "finetuned": 0.0, **before}, {**zero, "finetuned": 1.0, **after}]
-        details = {"method": "fine-tuning", "chosen_fraction": 0.0, "pruned_fraction": 0.0, "pruned": 0,
-                   "history": hist, **_summary(before, after)}
-        return RepairResult(tuned, curve, details)
+        return two_row_result("fine-tuning", tuned, before, ev(tuned), history=hist)

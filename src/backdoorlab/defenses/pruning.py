@@ -50,6 +50,12 @@ Deviations, and why:
   preact-resnet18) the first Linear's inputs are the channels themselves. With neurons, ``once`` is
   the schedule to use: in the iterative loop, fine-tuning between steps re-grows the backdoor
   through the corner neurons not yet pruned.
+- *Foreign models* (TorchScript files, ``torch.export`` programs): the layers come from the model's
+  graph (:mod:`backdoorlab.defenses._surgery`): the default layer is the last convolution, ``layer``
+  names a convolution by its weight's prefix (e.g. ``conv2``), channels are ranked by the ReLU of
+  its output or of the batch norm directly after it, and pruned through the same parameters, so
+  the repaired model is written back in its own format. Pruning a Linear layer's inputs is for our
+  architectures only.
 - *Seed's weight variant* (``criterion="weight"``): zero every weight of the layer with value
   ``<= min + (max - min) * fraction``, literally as the seed describes (signed values, so the most
   negative weights go first); ``criterion="weight-magnitude"`` uses ``|w|`` (classic magnitude
