@@ -75,11 +75,14 @@ class GuardReport(Report):
 
 
 def guard(model: ModelLike, clean: DataLike, inputs: DataLike | torch.Tensor, *, method: Any = "strip",
-          clean_size: int | None = None, arch: str | None = None, **params: Any) -> GuardReport:
+          clean_size: int | None = None, arch: str | None = None, save_threshold: str | Path | None = None,
+          **params: Any) -> GuardReport:
     """Screen ``inputs`` with an input detector (default STRIP) fitted on the ``clean`` held-out
     images; the guarded prediction is class K for flagged inputs. ``inputs``: an npz (labels
     optional; ``is_poison`` = ground truth, for reporting only), folder, name, ImageSet or uint8
-    tensor. ``params`` are the detector's (for STRIP: samples, frr, superimpose, threshold_rule, seed)."""
+    tensor. ``params`` are the detector's (for STRIP: samples, frr, superimpose, threshold_rule, seed).
+    ``save_threshold``: also write the fitted detector (its threshold and state) to this file, for
+    :func:`load_detector` and ``backdoorlab serve --threshold``."""
     from backdoorlab.defenses import Guarded
 
     detector = make_defense(method, params, family="detector", where="guard")
@@ -91,10 +94,107 @@ def guard(model: ModelLike, clean: DataLike, inputs: DataLike | torch.Tensor, *,
         raise BackdoorLabError(f"the inputs have images of shape {data.shape} but the clean images {clean_set.shape}; "
                                "use one image size")
     detector.fit(net, clean_set)
+    if save_threshold is not None:
+        save_detector(detector, save_threshold, model=net, clean=clean_set, method=method_name(detector, method))
     t0 = time.perf_counter()
     pred, det = Guarded(net, detector).guard(data.x)
     seconds = time.perf_counter() - t0
     return GuardReport(method_name(detector, method), detector, det, pred, clean_set.num_classes, seconds, truth)
+
+
+# ----------------------------------------------------------------------------- a fitted detector on disk
+DETECTOR_FORMAT = "backdoorlab-detector/1"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of a model's parameters and buffers (names, shapes, dtypes, bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def data_fingerprint(data: Any) -> str:
+    """sha256 of an image set's images and labels."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (data.x, data.y):
+        t = t.contiguous()
+        h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fitted_threshold(detector: InputDetector, probe: torch.Tensor) -> float:
+    """The score threshold a fitted detector flags above, read from its own ``detect`` on a probe
+    batch (detectors name it differently: STRIP ``threshold``, SCALE-UP ``decision_threshold``)."""
+    return float(detector.detect(probe).threshold)
+
+
+def save_detector(detector: InputDetector, path: str | Path, *, model: nn.Module, clean: Any, method: str) -> Path:
+    """Write a fitted input detector to ``path`` atomically: safetensors tensors (the detector's own
+    state, e.g. STRIP's clean entropies) and JSON metadata (method, parameters, threshold,
+    fingerprints of the model and clean set it was fitted on). Never a pickle."""
+    import dataclasses
+    import json
+
+    from safetensors.torch import save
+
+    from backdoorlab.atomic import atomic_write_bytes
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise BackdoorLabError(f"--save-threshold {path}: name the file .safetensors")
+    tensors, extra = detector.fitted_state() if hasattr(detector, "fitted_state") else ({}, {})
+    params = {f.name: getattr(detector, f.name) for f in dataclasses.fields(detector)} if dataclasses.is_dataclass(detector) else {}
+    meta = {"format": DETECTOR_FORMAT, "method": method, "params": params, "threshold": fitted_threshold(detector, clean.x[:1]),
+            "state": extra, "model_sha256": model_fingerprint(model), "clean_sha256": data_fingerprint(clean),
+            "clean_size": len(clean), "image_shape": list(clean.shape), "num_classes": clean.num_classes}
+    blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                metadata={"backdoorlab": json.dumps(meta, sort_keys=True)})
+    atomic_write_bytes(path, blob)
+    return path
+
+
+def load_detector(path: str | Path, *, model: nn.Module, clean: Any) -> tuple[InputDetector, float, dict[str, Any]]:
+    """A detector written by :func:`save_detector`, fitted on ``model`` and ``clean`` (which must be
+    the ones it was saved with: their fingerprints are checked). Returns (detector, threshold, metadata).
+    A detector with a ``restore`` hook (STRIP) is restored without scoring the clean set again;
+    any other is fitted again and keeps the saved threshold."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise BackdoorLabError(f"threshold file {path} does not exist; write one with backdoorlab guard --save-threshold")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            meta = json.loads((fh.metadata() or {}).get("backdoorlab", "null"))
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise BackdoorLabError(f"threshold file {path} is not a backdoorlab detector file ({exc}); "
+                               "write one with backdoorlab guard --save-threshold") from None
+    if not isinstance(meta, dict) or meta.get("format") != DETECTOR_FORMAT:
+        raise BackdoorLabError(f"threshold file {path} is not a backdoorlab detector file ({DETECTOR_FORMAT}); "
+                               "write one with backdoorlab guard --save-threshold")
+    if meta["clean_sha256"] != data_fingerprint(clean):
+        raise BackdoorLabError(f"threshold file {path} was fitted on other clean images ({meta['clean_size']} images); "
+                               "give the same --clean (and --clean-size) as guard --save-threshold had")
+    if meta["model_sha256"] != model_fingerprint(model):
+        raise BackdoorLabError(f"threshold file {path} was fitted on another model; give the same --model, or save "
+                               "the threshold again")
+    detector = make_defense(meta["method"], meta["params"], family="detector", where=f"threshold file {path.name}")
+    if hasattr(detector, "restore"):
+        detector.restore(model, clean, tensors, meta.get("state", {}))
+    else:
+        detector.fit(model, clean)
+    return detector, float(meta["threshold"]), meta
 
 
 # ----------------------------------------------------------------------------- repair
@@ -141,7 +241,8 @@ def repair(model: ModelLike, clean: DataLike, *, method: Any = "fine-pruning", e
            triggered: DataLike | None = None, clean_size: int | None = None, arch: str | None = None,
            **params: Any) -> RepairReport:
     """Repair a model on the defender's ``clean`` images with a repairer (fine-pruning, pruning,
-    fine-tuning; a name or a built Repairer). ``eval`` (clean test images; an npz's test part) and
+    fine-tuning, nad, anp, i-bau, clp, nc-unlearning; a name or a built Repairer). Every one works
+    on foreign models (TorchScript, torch.export) as on our architectures. ``eval`` (clean test images; an npz's test part) and
     ``triggered`` (triggered images labelled with the attacker's target) only add CA / ASR to the
     curve, through an evaluation callback; they never steer the repair."""
     from backdoorlab.evaluation import make_evaluator

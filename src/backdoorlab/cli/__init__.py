@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from backdoorlab.cli import defend, experiments, grid, inspection
+from backdoorlab.cli import cleanse, data, defend, experiments, grid, inspection, serve
 from backdoorlab.cli.common import OneLineErrors, err
 
 app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
@@ -19,8 +19,9 @@ app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
 
 for _name, _fn in (
     ("run", experiments.run), ("list", experiments.list_), ("runs", experiments.runs), ("show", experiments.show),
-    ("audit", inspection.audit), ("calibrate", inspection.calibrate), ("repair", defend.repair), ("guard", defend.guard), ("biasmaps", inspection.biasmaps),
-    ("train-robust", defend.train_robust), ("bench", grid.bench), ("population", grid.population), ("report", grid.report),
+    ("audit", inspection.audit), ("calibrate", inspection.calibrate), ("cleanse", cleanse.cleanse), ("repair", defend.repair), ("guard", defend.guard), ("biasmaps", inspection.biasmaps),
+    ("train-robust", defend.train_robust), ("data", data.data), ("bench", grid.bench), ("population", grid.population), ("report", grid.report),
+    ("serve", serve.serve),
 ):  # registered in this order: the order of `backdoorlab --help`
     app.command(_name)(_fn)
 

@@ -18,7 +18,9 @@ from backdoorlab.errors import BackdoorLabError
 def repair(
     model: Path = typer.Option(..., "--model", help="model file: backdoorlab safetensors, a torch.export program (.pt2) or TorchScript"),
     clean: str = typer.Option(..., "--clean", help="the defender's clean images (npz, folder or data set name)"),
-    method: str = typer.Option("fine-pruning", "--method", help="a repairer: fine-pruning, pruning, fine-tuning"),
+    method: str = typer.Option("fine-pruning", "--method", help="a repairer: fine-pruning, pruning, fine-tuning, nad, anp, "
+                               "i-bau, clp (data-free), nc-unlearning; every one works on foreign models (TorchScript "
+                               ".pt, torch.export .pt2) as on our architectures"),
     eval_: Optional[str] = typer.Option(None, "--eval", help="clean test images for CA along the curve (an npz's test part if it has one)"),
     triggered: Optional[str] = typer.Option(None, "--triggered", help="triggered images labelled with the attacker's target, for ASR"),
     param: List[str] = typer.Option([], "--param", "-p", help="a method parameter, e.g. -p tolerance=0.01 (repeatable)"),
@@ -30,7 +32,7 @@ def repair(
     as_json: bool = JsonOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log each step to stderr"),
 ) -> None:
-    """Repair a model with pruning / fine-tuning / fine-pruning on clean data; report the CA/ASR curve."""
+    """Repair a model on clean data (fine-tuning, fine-pruning, NAD, ANP, i-BAU, CLP, NC unlearning); report CA/ASR."""
     from backdoorlab import api
 
     setup_logging(verbose)
@@ -68,27 +70,37 @@ def guard(
     model: Path = typer.Option(..., "--model", help="model file: backdoorlab safetensors, a torch.export program (.pt2) or TorchScript"),
     clean: str = typer.Option(..., "--clean", help="clean held-out images that set the threshold (npz, folder or data set name)"),
     inputs: str = typer.Option(..., "--inputs", help="images to screen: npz (y optional; is_poison = ground truth), folder or name"),
-    samples: int = typer.Option(20, "--samples", min=2, help="superimposed copies per input (N)"),
-    frr: float = typer.Option(0.01, "--frr", help="preset false rejection rate on clean inputs"),
-    superimpose: str = typer.Option("sum", "--superimpose", help="sum (x+h saturated at 1), add (x+h unclipped, the paper's float code) or average (ART's 50/50)"),
-    threshold_rule: str = typer.Option("quantile", "--threshold-rule", help="quantile of the clean entropies, or normal (the paper's fit)"),
+    method: str = typer.Option("strip", "--method", help="an input detector: strip, scale-up"),
+    samples: Optional[int] = typer.Option(None, "--samples", min=2, help="superimposed copies per input (N; STRIP, default 20)"),
+    frr: Optional[float] = typer.Option(None, "--frr", help="preset false rejection rate on clean inputs (default 0.01)"),
+    superimpose: Optional[str] = typer.Option(None, "--superimpose", help="STRIP: sum (x+h saturated at 1, the default), add (x+h unclipped, the paper's float code) or average (ART's 50/50)"),
+    threshold_rule: Optional[str] = typer.Option(None, "--threshold-rule", help="STRIP: quantile of the clean entropies (the default), or normal (the paper's fit)"),
+    param: List[str] = typer.Option([], "--param", "-p", help="another detector parameter, e.g. -p batch_size=256 (repeatable)"),
     clean_size: Optional[int] = typer.Option(None, "--clean-size", min=1, help="use a stratified subsample of this many clean images"),
-    seed: int = typer.Option(0, "--seed", min=0, help="seed of the clean images drawn for the blends"),
+    seed: int = typer.Option(0, "--seed", min=0, help="seed of the detector's draws (STRIP: the clean images blended with each input)"),
     arch: Optional[str] = typer.Option(None, "--arch", help="architecture of plain safetensors weights without a spec"),
+    save_threshold: Optional[Path] = typer.Option(None, "--save-threshold", help="write the fitted detector (threshold and "
+                                                  "state, safetensors + JSON metadata) here, for backdoorlab serve --threshold"),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="write index,prediction,score,flagged per input here"),
     figures: Optional[Path] = typer.Option(None, "--figures", help="write the entropy histogram into this folder"),
     as_json: bool = JsonOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log to stderr"),
 ) -> None:
-    """Screen inputs with STRIP: flag trojaned inputs; the guarded prediction is class K for them."""
+    """Screen inputs with an input detector (STRIP by default): flag trojaned inputs; the guarded
+    prediction is class K for them."""
     from backdoorlab import api
     from backdoorlab.atomic import atomic_write_text
 
     setup_logging(verbose)
-    res = api.guard(model, clean, inputs, method="strip", clean_size=clean_size, arch=arch, samples=samples, frr=frr,
-                    superimpose=superimpose, threshold_rule=threshold_rule, seed=seed)
+    detector = detector_from_options(method, samples=samples, frr=frr, superimpose=superimpose,
+                                     threshold_rule=threshold_rule, seed=seed, params=method_params(param))
+    if save_threshold is not None and save_threshold.suffix != ".safetensors":
+        raise BackdoorLabError(f"--save-threshold {save_threshold}: name the file .safetensors")
+    res = api.guard(model, clean, inputs, method=detector, clean_size=clean_size, arch=arch, save_threshold=save_threshold)
     result = res.to_dict()
     written: dict[str, str] = {}
+    if save_threshold is not None:
+        written["threshold"] = str(save_threshold)
     if csv_path is not None:
         atomic_write_text(csv_path, res.csv())
         written["csv"] = str(csv_path)
@@ -100,7 +112,8 @@ def guard(
     n, k = result["num_inputs"], result["trojaned_class"]
     boundary = (f"entropy boundary {result['entropy_threshold']:.4f} bits" if result.get("entropy_threshold") is not None
                 else f"score threshold {result['threshold']:.4f}")
-    msg = (f"{result['num_flagged']} of {n} inputs flagged as trojaned (class {k}); {boundary} at preset FRR {frr}; "
+    msg = (f"{result['num_flagged']} of {n} inputs flagged as trojaned (class {k}); {boundary} at preset FRR "
+           f"{result.get('frr_preset', frr if frr is not None else 0.01)}; "
            f"{result['inputs_per_second']:.0f} inputs/s")
     if res.truth is not None:
         msg += f"; FRR {result['frr']:.4f}, FAR {result['far']:.4f}, AUROC {result['auroc']:.4f}"
@@ -159,6 +172,27 @@ def train_robust(
         msg += f"; isolation precision {result['isolation_precision']:.4f}"
     out.print(msg + f"; {res.seconds:.1f} s")
     print_written(written)
+
+
+_STRIP_ONLY = ("samples", "superimpose", "threshold_rule")
+
+
+def detector_from_options(method: str, *, params: dict, seed: int, **options):
+    """An input detector built from the command's options: those given (not None) go to the
+    method; STRIP-only options given to another method, or any option the method lacks, are one
+    error naming the method's parameters. ``seed`` fills the method's seed when it has one."""
+    from backdoorlab import api
+    from backdoorlab.defenses import DEFENSES
+
+    given = {k: v for k, v in options.items() if v is not None}
+    accepted = DEFENSES.parameters(method) if method in DEFENSES else []
+    for k in given:
+        if k not in accepted and method in DEFENSES:
+            what = "a STRIP option" if k in _STRIP_ONLY else "an option"
+            raise BackdoorLabError(f"--{k.replace('_', '-')} is {what} that --method {method} does not take; "
+                                   f"its parameters: {', '.join(accepted) or '(none)'} (set them with -p NAME=VALUE)")
+    return api.make_defense(method, {**given, **params}, family="detector", where="--param", option="--method",
+                            defaults={"seed": seed})
 
 
 def _check_model_name(path: Path, option: str, safetensors: bool = True) -> None:

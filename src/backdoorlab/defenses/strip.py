@@ -23,6 +23,9 @@ negative entropy, so that, as for every detector here, higher = more suspicious.
   percentile of a normal distribution fitted to the clean entropies.
 - All inputs x N blends go through the model in batches of ``batch_size`` blends: one batched
   forward pass for many inputs at once (ART loops over inputs and batches only one input's N blends).
+- The N held-out images of an input are drawn from a hash of the input's own pixels (and ``seed``):
+  the same input always gets the same blends, whatever else is in its batch, so a server that
+  batches requests answers exactly as the batch command does (:func:`draw_indices`).
 
 Deviations, and why:
 - Default threshold rule: the empirical quantile, not the paper's normal fit. The clean entropy
@@ -59,6 +62,44 @@ from backdoorlab.types import ImageSet
 log = logging.getLogger(__name__)
 
 LOG2 = math.log(2.0)
+
+
+_MASK32 = (1 << 32) - 1
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
+
+
+def _lsr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors (``>>`` is arithmetic on signed integers)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finaliser on int64 tensors (wrapping arithmetic): a bijective 64-bit hash."""
+    z = (z ^ _lsr(z, 30)) * -4658895280553007687  # 0xBF58476D1CE4E5B9
+    z = (z ^ _lsr(z, 27)) * -7723592293110705685  # 0x94D049BB133111EB
+    return z ^ _lsr(z, 31)
+
+
+def input_hash(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A 64-bit hash (B,) int64 of each image's pixels and ``seed``; uint8 images, or floats in [0, 1]
+    (hashed as their nearest uint8 values). Batched: one weighted sum per image, then a mixer."""
+    if x.dtype != torch.uint8:
+        x = x.float().mul(255.0).round_().clamp_(0, 255)
+    flat = x.reshape(x.shape[0], -1).long()
+    w = _mix64(torch.arange(1, flat.shape[1] + 1, dtype=torch.int64) * _GOLDEN) & _MASK32  # fixed 32-bit weights
+    h = (flat * w).sum(1)  # < 2^40 per pixel: exact for images up to 2^23 values
+    return _mix64(h ^ _mix64(torch.tensor(seed * 2 + 1, dtype=torch.int64) * _GOLDEN))
+
+
+def draw_indices(x: torch.Tensor, pool_size: int, n: int, seed: int = 0,
+                 exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, n) distinct indices into a pool of ``pool_size`` images for each input of ``x``, drawn from
+    the input's own hash: every pool image gets a hashed key and the n smallest keys win (a uniform
+    draw without replacement). ``exclude`` (B,) pool indices an input must not draw (itself)."""
+    keys = _mix64(input_hash(x, seed)[:, None] + torch.arange(1, pool_size + 1, dtype=torch.int64) * _GOLDEN)
+    if exclude is not None:
+        keys[torch.arange(keys.shape[0]), exclude] = torch.iinfo(torch.int64).max
+    return keys.topk(n, dim=1, largest=False, sorted=True).indices
 
 
 def superimpose(x: torch.Tensor, h: torch.Tensor, mode: str) -> torch.Tensor:
@@ -182,6 +223,37 @@ class Strip(InputDetector):
         t = self.threshold
         return DetectionResult(scores=s, flagged=s > t, threshold=t)
 
+    def superimposed(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``samples`` blends of each input that :meth:`entropy` feeds the model, (B, N, C, H, W)
+        floats (for showing them; the same draws as :meth:`entropy`)."""
+        st = self._state()
+        x = _check_inputs(x, st["pool_f"].shape[1:])
+        idx = draw_indices(x, st["pool_f"].shape[0], self.samples, self.seed)
+        xf = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+        return superimpose(xf[:, None], st["pool_f"][idx], self.superimpose)
+
+    # ------------------------------------------------------------------ saving the fitted state
+    def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What :meth:`restore` needs besides the model and the clean set: tensors and JSON values."""
+        st = self._state()
+        return {"clean_entropy": st["clean_entropy"].contiguous()}, {"entropy_threshold": st["entropy_threshold"]}
+
+    def restore(self, model: nn.Module, clean: ImageSet, tensors: dict[str, torch.Tensor], meta: dict) -> "Strip":
+        """Fitted as :meth:`fit` would leave it, from :meth:`fitted_state`, without scoring ``clean``
+        again (the same model and clean set; the caller checks their fingerprints)."""
+        from backdoorlab.train import _memory_format, model_device
+
+        ent = tensors.get("clean_entropy")
+        if ent is None or ent.shape != (len(clean),) or "entropy_threshold" not in meta:
+            raise BackdoorLabError("the saved STRIP state does not match the clean set (clean_entropy per clean image and "
+                                   "entropy_threshold expected); save it again with guard --save-threshold")
+        device = model_device(model)
+        st = {"device": device, "format": _memory_format(model, True), "pool_f": clean.float_batch(),
+              "model": inference_model(model, clean.float_batch(slice(0, 8)).to(device), self.accelerate)}
+        object.__setattr__(self, "_fitted", {**st, "clean_entropy": ent.float(),
+                                             "entropy_threshold": float(meta["entropy_threshold"])})
+        return self
+
     # ------------------------------------------------------------------ the batched core
     @torch.inference_mode()
     def _entropy(self, st: dict, x: torch.Tensor, *, exclude_self: bool) -> torch.Tensor:
@@ -190,16 +262,12 @@ class Strip(InputDetector):
         model, device, fmt, pool_f = st["model"], st["device"], st["format"], st["pool_f"]
         n, p = x.shape[0], pool_f.shape[0]
         N = self.samples
-        g = torch.Generator().manual_seed(self.seed)
         per = max(1, self.batch_size // N)  # inputs per forward pass
         out = torch.empty(n, dtype=torch.float32)
         for s in range(0, n, per):
             e = min(n, s + per)
-            w = torch.ones(e - s, p)
-            if exclude_self:
-                w[torch.arange(e - s), torch.arange(s, e)] = 0.0
-            idx = torch.multinomial(w, N, replacement=False, generator=g)  # (b, N) distinct per input
             xb = x[s:e]
+            idx = draw_indices(xb, p, N, self.seed, torch.arange(s, e) if exclude_self else None)  # (b, N) distinct
             xb = xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb.float()
             blends = superimpose(xb[:, None], pool_f[idx], self.superimpose)  # (b, N, C, H, W)
             blends = blends.flatten(0, 1).to(device).contiguous(memory_format=fmt)
