@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 @DEFENSES.register("scale-up", "SCALE-UP (Guo et al. 2023): predictions that stay the same when the pixels are amplified x2..x11 = trojaned; no clean data needed")
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class ScaleUp(InputDetector):
-    """``fit(model, clean=None)`` -> self; ``spc(x)`` (N,) scaled prediction consistency; ``score(x)``
+    """``fit(model, clean)`` -> self (clean may be None); ``spc(x)`` (N,) scaled prediction consistency; ``score(x)``
     = SPC (standardised with ``standardise``); ``detect(x)`` flags ``score > threshold``.
     ``x``: uint8 (N, C, H, W) or float in [0, 1]."""
 
@@ -85,7 +85,7 @@ class ScaleUp(InputDetector):
                 "spc_threshold": st["threshold"], "clean_spc_mean": st.get("clean_mean")}
 
     # ------------------------------------------------------------------ the family verbs
-    def fit(self, model: nn.Module, clean: ImageSet | None = None) -> "ScaleUp":
+    def fit(self, model: nn.Module, clean: ImageSet | None) -> "ScaleUp":
         needs_clean = self.standardise or self.threshold_rule == "quantile"
         if clean is None and needs_clean:
             raise BackdoorLabError("SCALE-UP with standardise=True or threshold_rule=quantile needs clean images; give a "
