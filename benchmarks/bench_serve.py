@@ -259,7 +259,7 @@ async def closed_loop(port: int, reqs: Requests, connections: int, duration: flo
 async def open_loop(port: int, reqs: Requests, rate: float, duration: float, max_in_flight: int = 512) -> dict:
     """Poisson arrivals at ``rate`` requests/s for ``duration`` s (bounded in count and in flight);
     each request on an idle keep-alive connection from a pool (a new one when none is idle)."""
-    st = {"sent": 0, "lat": [], "mismatch": 0, "errors": 0, "shed": 0}
+    st = {"sent": 0, "lat": [], "mismatch": 0, "errors": 0, "shed": 0, "codes": {}}
     rng = np.random.default_rng(0)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, size=int(rate * duration * 1.5) + 10))
     arrivals = arrivals[arrivals < duration]
@@ -278,9 +278,11 @@ async def open_loop(port: int, reqs: Requests, rate: float, duration: float, max
                     st["mismatch"] += 1
             else:
                 st["errors"] += 1
+                st["codes"][code] = st["codes"].get(code, 0) + 1
             idle.append(conn)
         except ConnectionError:
             st["errors"] += 1
+            st["codes"]["connection"] = st["codes"].get("connection", 0) + 1
         finally:
             in_flight -= 1
 
@@ -320,7 +322,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=20)
     ap.add_argument("--clean-inputs", type=int, default=4000)
     ap.add_argument("--triggered-inputs", type=int, default=1000)
-    ap.add_argument("--max-batch", type=int, default=256)
+    ap.add_argument("--max-batch", type=int, default=1024)
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--queue-size", type=int, default=256)
     ap.add_argument("--max-body-mb", type=float, default=1.0, help="the server's body limit (the over-limit malformed "
@@ -401,7 +403,7 @@ def main() -> None:
         pl = po["lat"]
         print(f"\n4. open loop: Poisson arrivals of 4-image requests at {rate:.0f} requests/s = {4 * rate:.0f} inputs/s "
               f"(half the offline rate), {po['seconds']:.1f} s: {po['sent']} sent, {len(pl)} answered, errors "
-              f"{po['errors']}, shed by the client {po['shed']}, mismatches {po['mismatch']}")
+              f"{po['errors']} {po['codes']}, shed by the client {po['shed']}, mismatches {po['mismatch']}")
         print(f"   latency ms (from the scheduled arrival): p50 {1e3 * pct(pl, 50):.1f}, p90 {1e3 * pct(pl, 90):.1f}, "
               f"p99 {1e3 * pct(pl, 99):.1f} (bar <= 250), max {1e3 * max(pl):.1f}")
         results.update(poisson_p50_ms=1e3 * pct(pl, 50), poisson_p99_ms=1e3 * pct(pl, 99), poisson_errors=po["errors"])

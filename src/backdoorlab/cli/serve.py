@@ -40,7 +40,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (loopback by default; anything else "
                                                            "exposes the service to the network)"),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port"),
-    max_batch: int = typer.Option(256, "--max-batch", min=1, help="images per batch through the model, at most"),
+    max_batch: int = typer.Option(1024, "--max-batch", min=1, help="images per batch through the model, at most"),
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0.0, help="how long a lone request waits for others to batch with"),
     queue_size: int = typer.Option(256, "--queue-size", min=1, help="requests that may wait; more are answered 503"),
     max_body_mb: float = typer.Option(16.0, "--max-body-mb", min=0.001, help="largest request body (MiB); larger: 413"),

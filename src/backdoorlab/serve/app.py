@@ -101,7 +101,7 @@ async def _send_json(send: Any, status: int, obj: dict) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(service: GuardService, *, max_batch: int = 256, max_wait_ms: float = 5.0, queue_size: int = 256,
+def create_app(service: GuardService, *, max_batch: int = 1024, max_wait_ms: float = 5.0, queue_size: int = 256,
                max_body: int = 16 * 1024 * 1024, max_images: int = 1024, retry_after: int = 1) -> Any:
     """The ASGI application serving ``service``. ``queue_size`` requests may wait; more get 503."""
     metrics = Metrics()

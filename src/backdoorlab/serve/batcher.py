@@ -41,7 +41,7 @@ class Batcher:
     row. ``run(f, *args)`` runs any other call on the same worker thread (never two model calls at once).
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor], list[Any]], *, max_batch: int = 256, max_wait: float = 0.005,
+    def __init__(self, fn: Callable[[torch.Tensor], list[Any]], *, max_batch: int = 1024, max_wait: float = 0.005,
                  queue_size: int = 256, metrics: Metrics | None = None,
                  flagged: Callable[[list[Any]], int] | None = None) -> None:
         self.fn = fn
