@@ -97,15 +97,15 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def method_params(items: List[str]) -> dict:
-    """``--param NAME=VALUE`` items as a dict (values parsed like ``--set``)."""
+def method_params(items: List[str], option: str = "--param", example: str = "tolerance=0.01") -> dict:
+    """``--param NAME=VALUE`` items (or another ``option``'s) as a dict (values parsed like ``--set``)."""
     from backdoorlab.config import parse_override
 
     params: dict = {}
     for item in items:
         parts, value = parse_override(item)
         if len(parts) != 1:
-            raise BackdoorLabError(f"--param {item!r}: expected NAME=VALUE, e.g. --param tolerance=0.01")
+            raise BackdoorLabError(f"{option} {item!r}: expected NAME=VALUE, e.g. {option} {example}")
         params[parts[0]] = value
     return params
 

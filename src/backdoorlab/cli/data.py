@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 import typer
 
-from backdoorlab.cli.common import JsonOpt, handles_errors, out, print_json, setup_logging
+from backdoorlab.cli.common import JsonOpt, handles_errors, method_params, out, print_json, setup_logging
 from backdoorlab.errors import BackdoorLabError
 from backdoorlab.types import ImageSet
 
@@ -79,16 +79,10 @@ def data(
     from rich.table import Table
 
     from backdoorlab.atomic import atomic_write_bytes
-    from backdoorlab.config import parse_override
     from backdoorlab.data.parquet import default_cache_dir
 
     setup_logging(verbose)
-    params: dict = {}
-    for item in set_:
-        parts, value = parse_override(item)
-        if len(parts) != 1:
-            raise BackdoorLabError(f"--set {item!r}: expected KEY=VALUE for a parameter of the source, e.g. --set path=data/")
-        params[parts[0]] = value
+    params = method_params(set_, option="--set", example="path=data/")
     summary, train = describe(name, params)
     folder = figures if figures is not None else default_cache_dir() / "figures"
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", "-".join([name] + [f"{k}-{v}" for k, v in sorted(params.items())]))[:120]
