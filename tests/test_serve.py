@@ -306,6 +306,30 @@ def test_save_threshold_round_trip(victim, tmp_path, monkeypatch):
     pred, scores, flagged = svc.guard(inputs)
     assert flagged.tolist() == out["flagged"] and pred.tolist() == out["predictions"]
     assert scores.tolist() == pytest.approx(out["scores"], abs=1e-5)
+    # the same service with the model in a worker process fed over a pipe: the same answers; a
+    # worker killed mid-service is started again on the next batch; one that cannot start says why
+    import dataclasses
+    import os
+    import signal
+
+    from backdoorlab.serve.worker import ProcessWorker, WorkerFailed
+
+    spec = svc.worker_spec(1)
+    worker = ProcessWorker(spec)
+    with TestClient(create_app(svc, worker=worker, max_wait_ms=0)) as c:
+        res = c.post("/v1/predict", json={"images": inputs[:, 0].tolist()}).json()["results"]
+        assert [r["trojaned"] for r in res] == out["flagged"] and [r["prediction"] for r in res] == out["predictions"]
+        assert [r["score"] for r in res] == pytest.approx(out["scores"], abs=1e-5)
+        assert c.get("/v1/info").json()["worker"] == "process" and worker.info["threshold"] == svc.threshold
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        worker.proc.wait()
+        assert c.get("/healthz").json()["worker_process"] == "restarting on the next batch"
+        again = c.post("/v1/predict", json={"images": inputs[:7, 0].tolist()})
+        assert again.status_code == 200 and again.json()["results"] == res[:7]
+        assert c.get("/healthz").json()["worker_starts"] == 2
+    assert worker.proc is None  # stopped with the application
+    with pytest.raises(WorkerFailed, match="could not build"):
+        ProcessWorker(dataclasses.replace(spec, model=str(tmp_path / "missing.safetensors"))).start()
     with pytest.raises(BackdoorLabError, match="other clean images"):
         load_detector(t, model=victim.model, clean=hold.subset(torch.arange(300)))
     from backdoorlab.models import ModelSpec, build_model

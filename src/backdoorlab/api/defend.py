@@ -136,48 +136,58 @@ def fitted_threshold(detector: InputDetector, probe: torch.Tensor) -> float:
     return float(detector.detect(probe).threshold)
 
 
-def save_detector(detector: InputDetector, path: str | Path, *, model: nn.Module, clean: Any, method: str) -> Path:
-    """Write a fitted input detector to ``path`` atomically: safetensors tensors (the detector's own
-    state, e.g. STRIP's clean entropies) and JSON metadata (method, parameters, threshold,
-    fingerprints of the model and clean set it was fitted on). Never a pickle."""
+def detector_bytes(detector: InputDetector, *, model: nn.Module, clean: Any, method: str) -> bytes:
+    """A fitted input detector as safetensors bytes: the detector's own state (e.g. STRIP's clean
+    entropies) as tensors and JSON metadata (method, parameters, threshold, fingerprints of the
+    model and clean set it was fitted on). Never a pickle."""
     import dataclasses
     import json
 
     from safetensors.torch import save
 
-    from backdoorlab.atomic import atomic_write_bytes
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise BackdoorLabError(f"--save-threshold {path}: name the file .safetensors")
     tensors, extra = detector.fitted_state() if hasattr(detector, "fitted_state") else ({}, {})
     params = {f.name: getattr(detector, f.name) for f in dataclasses.fields(detector)} if dataclasses.is_dataclass(detector) else {}
     meta = {"format": DETECTOR_FORMAT, "method": method, "params": params, "threshold": fitted_threshold(detector, clean.x[:1]),
             "state": extra, "model_sha256": model_fingerprint(model), "clean_sha256": data_fingerprint(clean),
             "clean_size": len(clean), "image_shape": list(clean.shape), "num_classes": clean.num_classes}
-    blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                 metadata={"backdoorlab": json.dumps(meta, sort_keys=True)})
-    atomic_write_bytes(path, blob)
+
+
+def save_detector(detector: InputDetector, path: str | Path, *, model: nn.Module, clean: Any, method: str) -> Path:
+    """Write :func:`detector_bytes` to ``path`` (``.safetensors``) atomically."""
+    from backdoorlab.atomic import atomic_write_bytes
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise BackdoorLabError(f"--save-threshold {path}: name the file .safetensors")
+    atomic_write_bytes(path, detector_bytes(detector, model=model, clean=clean, method=method))
     return path
 
 
-def load_detector(path: str | Path, *, model: nn.Module, clean: Any) -> tuple[InputDetector, float, dict[str, Any]]:
-    """A detector written by :func:`save_detector`, fitted on ``model`` and ``clean`` (which must be
-    the ones it was saved with: their fingerprints are checked). Returns (detector, threshold, metadata).
-    A detector with a ``restore`` hook (STRIP) is restored without scoring the clean set again;
-    any other is fitted again and keeps the saved threshold."""
+def load_detector(path: str | Path | bytes, *, model: nn.Module, clean: Any) -> tuple[InputDetector, float, dict[str, Any]]:
+    """A detector written by :func:`save_detector` (a file, or :func:`detector_bytes` itself),
+    fitted on ``model`` and ``clean`` (which must be the ones it was saved with: their fingerprints
+    are checked). Returns (detector, threshold, metadata). A detector with a ``restore`` hook
+    (STRIP) is restored without scoring the clean set again; any other is fitted again and keeps
+    the saved threshold."""
     import json
 
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
-    path = Path(path)
-    if not path.is_file():
-        raise BackdoorLabError(f"threshold file {path} does not exist; write one with backdoorlab guard --save-threshold")
+    if isinstance(path, bytes):
+        blob, path = path, Path("(in memory)")
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise BackdoorLabError(f"threshold file {path} does not exist; write one with backdoorlab guard --save-threshold")
+        blob = path.read_bytes()
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-            meta = json.loads((fh.metadata() or {}).get("backdoorlab", "null"))
-    except (SafetensorError, ValueError, OSError) as exc:
+        tensors = load(blob)
+        n = int.from_bytes(blob[:8], "little")
+        meta = json.loads((json.loads(blob[8:8 + n]).get("__metadata__") or {}).get("backdoorlab", "null"))
+    except (SafetensorError, ValueError, OSError, AttributeError, UnicodeDecodeError) as exc:
         raise BackdoorLabError(f"threshold file {path} is not a backdoorlab detector file ({exc}); "
                                "write one with backdoorlab guard --save-threshold") from None
     if not isinstance(meta, dict) or meta.get("format") != DETECTOR_FORMAT:

@@ -48,6 +48,8 @@ def serve(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: the cores this process may use)"),
     switch_ms: float = typer.Option(0.1, "--switch-interval-ms", min=0.01, help="Python's GIL switch interval: how long "
                                     "the model thread may wait for the event loop thread between two torch operations"),
+    worker: str = typer.Option("process", "--worker", help="where the model runs: process (a worker process of its "
+                               "own, fed over a pipe: the event loop never holds up the model) or thread (in this process)"),
     access_log: bool = typer.Option(False, "--access-log", help="log every request to stderr"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log to stderr"),
 ) -> None:
@@ -61,7 +63,7 @@ def serve(
 
     setup_logging(verbose)
     logging.getLogger("backdoorlab.serve").setLevel(logging.INFO)
-    torch.set_num_threads(threads or cores())
+    torch.set_num_threads(threads or cores())  # start-up (fitting the detector); see --worker below
     # the model thread drops the GIL in every torch op and must get it back quickly while the event
     # loop thread parses requests: a short switch interval instead of Python's 5 ms
     sys.setswitchinterval(switch_ms / 1000.0)
@@ -75,11 +77,20 @@ def serve(
             raise BackdoorLabError(f"--threshold {threshold} does not exist; write it with backdoorlab guard --save-threshold")
         svc = GuardService.build(model, clean, detector=detector, params=params, threshold_file=threshold,
                                  clean_size=clean_size, arch=arch)
+    if worker not in ("process", "thread"):
+        raise BackdoorLabError(f"--worker {worker}: choose process or thread")
+    n_threads = threads or cores()
+    model_worker = None
+    if worker == "process":
+        from backdoorlab.serve.worker import ProcessWorker
+
+        model_worker = ProcessWorker(svc.worker_spec(n_threads))
+        torch.set_num_threads(1)  # this process parses and answers; the worker has the cores
     app = create_app(svc, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size,
-                     max_body=int(max_body_mb * 1024 * 1024), max_images=max_images)
+                     max_body=int(max_body_mb * 1024 * 1024), max_images=max_images, worker=model_worker)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"warning: listening on {host}: the service is reachable from the network")
     err.print(f"serving {svc.method} (threshold {svc.threshold:.4f}, {svc.threshold_source}) on http://{host}:{port} "
-              f"({torch.get_num_threads()} torch threads; ready in {svc.startup_seconds:.1f} s)")
+              f"({n_threads} torch threads in the model {worker}; ready in {svc.startup_seconds:.1f} s)")
     uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning", access_log=access_log,
                 timeout_graceful_shutdown=5)

@@ -26,6 +26,7 @@ from backdoorlab.serve.batcher import Batcher, QueueFull
 from backdoorlab.serve.decode import RequestError, decode_file, decode_json
 from backdoorlab.serve.metrics import Metrics
 from backdoorlab.serve.service import GuardService
+from backdoorlab.serve.worker import ProcessWorker, WorkerFailed
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +103,34 @@ async def _send_json(send: Any, status: int, obj: dict) -> None:
 
 
 def create_app(service: GuardService, *, max_batch: int = 1024, max_wait_ms: float = 5.0, queue_size: int = 256,
-               max_body: int = 16 * 1024 * 1024, max_images: int = 1024, retry_after: int = 1) -> Any:
-    """The ASGI application serving ``service``. ``queue_size`` requests may wait; more get 503."""
+               max_body: int = 16 * 1024 * 1024, max_images: int = 1024, retry_after: int = 1,
+               worker: ProcessWorker | None = None) -> Any:
+    """The ASGI application serving ``service``. ``queue_size`` requests may wait; more get 503.
+    With ``worker`` the batches run in that model worker process (started with the application),
+    else in a thread of this process."""
     metrics = Metrics()
-    batcher = Batcher(service.results, max_batch=max_batch, max_wait=max_wait_ms / 1000.0, queue_size=queue_size,
-                      metrics=metrics, flagged=lambda answers: sum(a["trojaned"] for a in answers))
+    run_batch = service.results if worker is None else (lambda x: service.answers(*worker.guard(x)))
+    batcher = Batcher(run_batch, max_batch=max_batch, max_wait=max_wait_ms / 1000.0, queue_size=queue_size,
+                      metrics=metrics, flagged=lambda answers: sum(a["trojaned"] for a in answers),
+                      in_flight=1 if worker is None else worker.in_flight)
     explaining = asyncio.Semaphore(4)
     shape = service.image_shape
 
     @asynccontextmanager
     async def lifespan(app: Any):
+        if worker is not None:
+            await asyncio.get_running_loop().run_in_executor(None, worker.start)
+            if worker.info.get("threshold") != service.threshold:
+                worker.close()
+                raise WorkerFailed(f"the model worker's threshold {worker.info.get('threshold')} differs from the "
+                                   f"server's {service.threshold}")
         await batcher.start()
         try:
             yield
         finally:
             await batcher.stop()
+            if worker is not None:
+                worker.close()
 
     app = FastAPI(title="backdoorlab guarded model", lifespan=lifespan, version="1",
                   description="The model's class for clean inputs; class K (trojaned) for inputs the detector flags "
@@ -126,6 +140,10 @@ def create_app(service: GuardService, *, max_batch: int = 1024, max_wait_ms: flo
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(WorkerFailed)
+    async def _worker_failed(request: Request, exc: WorkerFailed) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": str(retry_after)})
 
     @app.exception_handler(BackdoorLabError)
     async def _bad_input(request: Request, exc: BackdoorLabError) -> JSONResponse:
@@ -179,13 +197,17 @@ def create_app(service: GuardService, *, max_batch: int = 1024, max_wait_ms: flo
 
     @app.get("/v1/info", summary="The model, the detector and its threshold")
     async def info() -> dict:
-        return {**service.info(), "max_batch": max_batch, "max_wait_ms": max_wait_ms, "queue_size": queue_size,
+        return {**service.info(), "worker": "process" if worker is not None else "thread", "max_batch": max_batch, "max_wait_ms": max_wait_ms, "queue_size": queue_size,
                 "max_body": max_body, "max_images": max_images}
 
     @app.get("/healthz", summary="200 while the model worker runs")
     async def healthz() -> JSONResponse:
         ok = batcher.alive
-        return JSONResponse({"status": "ok" if ok else "worker stopped", "queue_depth": batcher.depth},
+        body: dict[str, Any] = {"status": "ok" if ok else "worker stopped", "queue_depth": batcher.depth}
+        if worker is not None:
+            body.update(worker_process="running" if worker.alive else "restarting on the next batch",
+                        worker_starts=worker.starts)
+        return JSONResponse(body,
                             status_code=200 if ok else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus text format")

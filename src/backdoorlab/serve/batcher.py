@@ -3,9 +3,10 @@
 Requests wait in a bounded queue (``queue_size`` requests; a full queue is refused at once, the
 caller answers 503). One asyncio task takes the first waiting request, then every other request
 that arrives within ``max_wait`` seconds (none when the queue already holds enough) up to
-``max_batch`` images, concatenates them and runs the batch in one worker thread, so the event
-loop keeps accepting and decoding requests while the model runs. While a batch runs the next one
-fills up, so under load batches are large and nobody waits for the timer.
+``max_batch`` images, concatenates them and runs the batch in a worker thread, so the event loop
+keeps accepting and decoding requests while the model runs. While a batch runs the next one fills
+up, so under load batches are large and nobody waits for the timer. ``in_flight`` batches may run
+at once (2 for a model worker process: the next batch waits in its pipe).
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ class Batcher:
     """``await submit(x)`` -> ``fn(x)`` for this request's rows, computed in a shared batch.
 
     ``fn(x)`` maps uint8 images (B, C, H, W) to a list of B answers; ``split`` answers must be per
-    row. ``run(f, *args)`` runs any other call on the same worker thread (never two model calls at once).
+    row. ``in_flight`` batches run at once, each in a worker thread (1: never two model calls at
+    once; a model worker process takes 2, so that it finds the next batch waiting in its pipe).
+    ``run(f, *args)`` runs any other call on the same worker threads.
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], list[Any]], *, max_batch: int = 1024, max_wait: float = 0.005,
                  queue_size: int = 256, metrics: Metrics | None = None,
-                 flagged: Callable[[list[Any]], int] | None = None) -> None:
+                 flagged: Callable[[list[Any]], int] | None = None, in_flight: int = 1) -> None:
         self.fn = fn
         self.max_batch = max_batch
         self.max_wait = max_wait
@@ -53,7 +56,9 @@ class Batcher:
         self._queue: deque[_Job] = deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backdoorlab-model")
+        self.in_flight = in_flight
+        self._running: set[asyncio.Task] = set()
+        self._pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="backdoorlab-model")
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -67,6 +72,8 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        for t in list(self._running):
+            t.cancel()
         for job in self._queue:
             if not job.future.done():
                 job.future.set_exception(QueueFull())
@@ -126,23 +133,31 @@ class Batcher:
         return jobs
 
     async def _loop(self) -> None:
+        slots = asyncio.Semaphore(self.in_flight)
         while True:
+            await slots.acquire()
             jobs = await self._take()
             if not jobs:
+                slots.release()
                 continue
-            x = torch.cat([j.x for j in jobs]) if len(jobs) > 1 else jobs[0].x
-            try:
-                answers = await self.run(self.fn, x)
-            except Exception as exc:  # noqa: BLE001 - answered to the callers, the loop goes on
-                log.exception("the model failed on a batch of %d images", x.shape[0])
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(exc)
-                continue
-            self.metrics.batch(x.shape[0], self._flagged(answers))
-            s = 0
+            task = asyncio.create_task(self._batch(jobs))
+            self._running.add(task)
+            task.add_done_callback(lambda t: (self._running.discard(t), slots.release()))
+
+    async def _batch(self, jobs: list[_Job]) -> None:
+        x = torch.cat([j.x for j in jobs]) if len(jobs) > 1 else jobs[0].x
+        try:
+            answers = await self.run(self.fn, x)
+        except Exception as exc:  # noqa: BLE001 - answered to the callers, the loop goes on
+            log.exception("the model failed on a batch of %d images", x.shape[0])
             for j in jobs:
-                e = s + j.x.shape[0]
                 if not j.future.done():
-                    j.future.set_result(answers[s:e])
-                s = e
+                    j.future.set_exception(exc)
+            return
+        self.metrics.batch(x.shape[0], self._flagged(answers))
+        s = 0
+        for j in jobs:
+            e = s + j.x.shape[0]
+            if not j.future.done():
+                j.future.set_result(answers[s:e])
+            s = e

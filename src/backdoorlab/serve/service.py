@@ -39,14 +39,16 @@ class GuardService:
     threshold_source: str
     startup_seconds: float = 0.0
     info_extra: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, Any] | None = None  # the files it was built from (a worker process rebuilds it from them)
 
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, model: Any, clean: Any, *, detector: str | None = None, params: dict[str, Any] | None = None,
-              threshold_file: str | Path | None = None, clean_size: int | None = None, arch: str | None = None,
+              threshold_file: str | Path | bytes | None = None, clean_size: int | None = None, arch: str | None = None,
               seed: int = 0) -> "GuardService":
         """Load ``model`` and the ``clean`` held-out images (paths or objects, as the API takes them);
-        restore the detector from ``threshold_file`` (written by ``guard --save-threshold``) or build
+        restore the detector from ``threshold_file`` (written by ``guard --save-threshold``, or its
+        bytes) or build
         ``detector`` (default strip) with ``params`` and fit it on the clean images."""
         from backdoorlab.api._common import load_data, load_model, make_defense, method_name, subsample
         from backdoorlab.api.defend import fitted_threshold, load_detector
@@ -65,7 +67,8 @@ class GuardService:
             if detector is not None and detector != meta["method"]:
                 raise BackdoorLabError(f"--detector {detector} differs from the threshold file's method {meta['method']}; "
                                        "drop --detector or save the threshold again with guard --method")
-            name, source = meta["method"], f"file {Path(threshold_file).name}"
+            name = meta["method"]
+            source = "sent by the server" if isinstance(threshold_file, bytes) else f"file {Path(threshold_file).name}"
         else:
             name = detector or "strip"
             det = make_defense(name, params, family="detector", where="--detector", option="--detector",
@@ -74,6 +77,8 @@ class GuardService:
             threshold, source = fitted_threshold(det, clean_set.x[:1]), f"fitted at start-up on {len(clean_set)} clean images"
             name = method_name(det, name)
         svc = cls(net, det, threshold, clean_set, name, source, time.perf_counter() - t0)
+        if isinstance(model, (str, Path)) and isinstance(clean, (str, Path)):
+            svc.sources = {"model": str(model), "clean": str(clean), "clean_size": clean_size, "arch": arch}
         svc.guard(clean_set.x[:2])  # warm up (first calls of a traced model are slow)
         log.info("guarded model ready in %.1f s: %s, threshold %.4f (%s)", time.perf_counter() - t0, name, threshold, source)
         return svc
@@ -117,9 +122,24 @@ class GuardService:
         pred[flagged] = self.trojaned_class
         return pred, scores, flagged
 
+    def worker_spec(self, threads: int) -> Any:
+        """What a worker process needs to rebuild this service (:mod:`backdoorlab.serve.worker`):
+        the files it was built from and the fitted detector as bytes."""
+        from backdoorlab.api.defend import detector_bytes
+        from backdoorlab.serve.worker import WorkerSpec
+
+        if self.sources is None:
+            raise BackdoorLabError("a model worker process rebuilds the service from files: build it from a model "
+                                   "file and a clean set path or name (or serve in a thread)")
+        blob = detector_bytes(self.detector, model=self.model, clean=self.clean, method=self.method)
+        return WorkerSpec(detector=blob, threads=threads, **self.sources)
+
     def results(self, x: torch.Tensor) -> list[dict[str, Any]]:
         """The JSON answer for a batch: one dict per input, in order."""
-        pred, scores, flagged = self.guard(x)
+        return self.answers(*self.guard(x))
+
+    def answers(self, pred: torch.Tensor, scores: torch.Tensor, flagged: torch.Tensor) -> list[dict[str, Any]]:
+        """One JSON dict per input from :meth:`guard`'s tensors."""
         return [{"prediction": int(p), "trojaned": bool(f), "score": float(s), "threshold": self.threshold}
                 for p, s, f in zip(pred.tolist(), scores.tolist(), flagged.tolist())]
 
