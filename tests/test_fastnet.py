@@ -82,6 +82,11 @@ def test_defaults_unchanged_and_recipe_options():
         assert gr["lr"] * gr["weight_decay"] == pytest.approx(0.002)
     bn_biases = {id(m.bias) for m in fast.modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert {id(p) for p in next(g for g in groups if g["lr_scale"] == 64.0)["params"]} == bn_biases
+    from backdoorlab.train import set_lr
+
+    opt = make_optimizer(fast, rc)
+    set_lr(opt, 0.01)  # what the trainer and ABL's unlearning loop call every step: the scale is kept
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([0.01, 0.64])
     lrs = [lr_at(rc, s, 100, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.075) and max(lrs) == pytest.approx(1.5) and lrs[19] == pytest.approx(1.5)
     assert lrs[-1] < 0.02 and all(a >= b for a, b in zip(lrs[20:], lrs[21:]))

@@ -97,6 +97,22 @@ def test_tolerance_picks_last_step_within_it(small):
     assert evaluate(res.model, data) >= base
 
 
+def test_activations_of_a_copy_are_its_own(small, tiny_rgb):
+    """The iterative schedule ranks a fine-tuned *copy* with the target found on the original: the
+    activations must be the copy's (hooks on the original's layer would leave them all zero)."""
+    import copy
+
+    for model, data in ((small[0], small[1]), (build_model(ModelSpec("vgg-small", 4, (3, 16, 16), {"width": 8})).eval(), tiny_rgb)):
+        target = PruneTarget(model, None)
+        a = channel_activations(model, target, data)
+        twin = copy.deepcopy(model)
+        assert torch.allclose(channel_activations(twin, target, data), a) and float(a.max()) > 0
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.mul_(2.0)  # another model now: its activations differ
+        assert not torch.allclose(channel_activations(twin, target, data), a)
+
+
 def test_batchnorm_gate_is_zeroed_too(tiny_rgb):
     """vgg-small: the last conv feeds a BatchNorm; pruning zeroes both so the channel is 0 after ReLU."""
     model = build_model(ModelSpec("vgg-small", 4, (3, 16, 16), {"width": 8}))

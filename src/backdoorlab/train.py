@@ -90,6 +90,12 @@ def _memory_format(model: nn.Module, on: bool) -> torch.memory_format:
     return torch.channels_last if on and has_conv else torch.contiguous_format
 
 
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Set the scheduled rate ``lr`` on every group, times the group's ``lr_scale`` (see :func:`make_optimizer`)."""
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, params=None) -> torch.optim.Optimizer:
     """The optimizer of ``cfg``. A model with ``param_groups()`` (dicts of ``params`` and
     ``lr_scale``) gets one group each; the trainer multiplies the scheduled rate by ``lr_scale``.
@@ -213,8 +219,7 @@ def train(
         seen = 0
         for xb, yb in loader:
             lr = lr_at(cfg, step, total, steps_per_epoch)
-            for group in opt.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
+            set_lr(opt, lr)
             xb = xb.to(device, non_blocking=True).contiguous(memory_format=fmt)
             yb = yb.to(device, non_blocking=True)
             if amp is None:

@@ -134,11 +134,16 @@ def channel_activations(model: nn.Module, target: PruneTarget, data: ImageSet, b
         x = inp[0].detach().float()
         sums["layer"] += torch.relu(x.reshape(-1, x.shape[-1])).sum(0).double().cpu()
 
+    try:  # the layer of *this* model (a fine-tuned copy has its own modules; hooks on the original never fire)
+        module = model.get_submodule(target.name)
+    except AttributeError:
+        raise BackdoorLabError(f"layer {target.name!r} does not exist in this model; prune the model the target was "
+                               "found in, or a copy of it") from None
     if target.linear_inputs:
-        hooks = [target.module.register_forward_pre_hook(on_linear)]
+        hooks = [module.register_forward_pre_hook(on_linear)]
     else:
-        hooks = [target.module.register_forward_hook(on_layer)]
-    if isinstance(target.module, nn.Conv2d):
+        hooks = [module.register_forward_hook(on_layer)]
+    if isinstance(module, nn.Conv2d):
         for bn_name, bn in model.named_modules():
             if isinstance(bn, nn.BatchNorm2d) and bn.num_features == target.channels:
                 def on_bn(_m, inp, out, bn_name=bn_name):

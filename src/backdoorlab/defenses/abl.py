@@ -272,7 +272,7 @@ class ABL(RobustTrainer):
         epoch run (epoch, accepted, metrics incl. ``isolated_accuracy``) and, last, the kept state's
         row (the model is left in that state)."""
         from backdoorlab.data.loader import Augment, TensorLoader
-        from backdoorlab.train import _memory_format, lr_at, make_optimizer, model_device
+        from backdoorlab.train import _memory_format, lr_at, make_optimizer, model_device, set_lr
 
         def measure() -> dict[str, float]:
             return {**_accuracies(model, sets, bs), **_accuracies(model, {"isolated_accuracy": isolated}, bs)}
@@ -301,8 +301,7 @@ class ABL(RobustTrainer):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
             for xb, yb in loader:
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(cfg, step, total, len(loader))
+                set_lr(opt, lr_at(cfg, step, total, len(loader)))  # keeps a model's own lr_scale groups (fastnet)
                 step += 1
                 xb = xb.to(device).contiguous(memory_format=fmt)
                 loss = unlearning_loss(model(xb), yb.to(device), self.unlearning_loss, self.ascent_bound)
