@@ -214,8 +214,11 @@ def main() -> int:
     except Exception as exc:  # noqa: BLE001 - sent to the server, which raises it
         _write(out, _ERR, f"the model worker could not build the guarded model: {exc}".encode())
         return 1
-    _write(out, _READY, json.dumps({"method": svc.method, "threshold": svc.threshold, "pid": os.getpid(),
-                                    "threads": torch.get_num_threads()}).encode())
+    try:
+        _write(out, _READY, json.dumps({"method": svc.method, "threshold": svc.threshold, "pid": os.getpid(),
+                                        "threads": torch.get_num_threads()}).encode())
+    except BrokenPipeError:
+        return 0
     while True:
         try:
             head_b = inp.read(_REQ_HEAD.size)
@@ -233,8 +236,11 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001 - one failed batch, the worker goes on
             _write(out, _ERR, f"the model failed on a batch of {n} images: {exc}".encode())
             continue
-        _write(out, _ANS, pred.to(torch.int64).numpy().tobytes() + scores.to(torch.float32).numpy().tobytes()
-               + flagged.to(torch.uint8).numpy().tobytes())
+        try:
+            _write(out, _ANS, pred.to(torch.int64).numpy().tobytes() + scores.to(torch.float32).numpy().tobytes()
+                   + flagged.to(torch.uint8).numpy().tobytes())
+        except BrokenPipeError:
+            return 0  # the server went away mid-batch
 
 
 if __name__ == "__main__":
