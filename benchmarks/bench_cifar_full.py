@@ -97,7 +97,7 @@ ATTACK_SETTINGS: dict[str, dict] = {
 def _config(args, attack: str | None = None):
     from backdoorlab.config import load_config
 
-    over = [f"seed={args.seed}", f"train.epochs={args.epochs}"]
+    over = [f"seed={args.seed}", f"train.epochs={args.epochs}", *getattr(args, "set", [])]
     if args.subset:
         over.append("data.full=false")
     if attack:
@@ -255,6 +255,8 @@ def main() -> None:
     ap.add_argument("--subset", action="store_true", help="the 10,000-image npz subset instead of the full set")
     ap.add_argument("--curve-from", type=int, default=5, help="first epoch evaluated for the curve")
     ap.add_argument("--batches", type=int, default=6)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override the recipe, e.g. --set train.label_smoothing=0 (repeatable)")
     ap.add_argument("--attack", choices=sorted(ATTACK_SETTINGS), default="badnets")
     ap.add_argument("--strip", action="store_true")
     ap.add_argument("--save", help="write the trained model here (.safetensors)")
@@ -281,7 +283,7 @@ def main() -> None:
         res = part_train(args, attack=args.attack)
     if args.json:
         with open(args.json, "a") as fh:
-            fh.write(json.dumps({"part": args.part, "cpu": _cpu(), **res}) + "\n")
+            fh.write(json.dumps({"part": args.part, "cpu": _cpu(), "overrides": args.set, **res}) + "\n")
 
 
 if __name__ == "__main__":
