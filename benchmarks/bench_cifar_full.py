@@ -175,7 +175,7 @@ def part_train(args, attack: str | None = None) -> dict:
 
         save_model(model, Path(args.save))
     if args.strip and attack:
-        out["strip"] = _strip(model, prep, cfg)
+        out["strip"] = _strip(model, prep, cfg, args.strip_n, args.superimpose)
         print("   strip:", json.dumps(out["strip"]))
     return out
 

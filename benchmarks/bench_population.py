@@ -33,9 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def scan_population(grid: str, cache: Path, params: dict | None = None) -> list[dict]:
+def scan_population(grid: str, cache: Path, params: dict | None = None, limit: int | None = None) -> list[dict]:
     from backdoorlab.cellstore import CellStore
     from backdoorlab.config import ExperimentConfig
+    from backdoorlab.defenses.common import images_per_class
     from backdoorlab.defenses.pairwise import PairwiseTriggerInspector
     from backdoorlab.experiment import prepare
     from backdoorlab.models import load_model
@@ -44,7 +45,7 @@ def scan_population(grid: str, cache: Path, params: dict | None = None) -> list[
     cache.mkdir(parents=True, exist_ok=True)
     store = Store(default_home())
     cs = CellStore(store)
-    rows = [r for r in cs.cells(grid) if r.defense == "none" and r.status == "done"]
+    rows = [r for r in cs.cells(grid) if r.defense == "none" and r.status == "done"][:limit]
     recs = cs.records(rows)
     out = []
     for i, r in enumerate(rows):
@@ -57,16 +58,64 @@ def scan_population(grid: str, cache: Path, params: dict | None = None) -> list[
             model = load_model(Path(rec.run_dir) / "weights.safetensors", num_classes=prep.train_set.num_classes,
                                input_shape=prep.train_set.shape)
             t0 = time.perf_counter()
-            est = PairwiseTriggerInspector(images_per_class=50, **(params or {})).estimate(model, prep.splits.holdout)
-            torch.save({"norms": est["norms"], "reached": est["reached"]}, f)
+            insp = PairwiseTriggerInspector(images_per_class=50, **(params or {}))
+            est = insp.estimate(model, prep.splits.holdout)
+            xs = images_per_class(prep.splits.holdout, insp.images_per_class, torch.Generator().manual_seed(insp.seed))
+            torch.save({"norms": est["norms"], "reached": est["reached"], "patterns": est["patterns"].half(),
+                        "images": xs.mul(255).round().to(torch.uint8)}, f)
             print(f"[{i + 1}/{len(rows)}] {r.data}/{r.model}/{r.attack}/seed{r.seed}: {time.perf_counter() - t0:.1f} s",
                   flush=True)
         d = torch.load(f)
         a = rec.config.get("attack") or {}
         out.append({"data": r.data, "model": r.model, "attack": r.attack, "seed": r.seed, "norms": d["norms"],
-                    "reached": d["reached"], "target": a.get("target"), "source": a.get("source"),
+                    "reached": d["reached"], "patterns": d.get("patterns"), "images": d.get("images"),
+                    "weights": Path(rec.run_dir) / "weights.safetensors", "id": r.cell_id, "target": a.get("target"), "source": a.get("source"),
                     "mode": a.get("mode"), "asr": rec.metrics.get("attack_success_rate")})
     return out
+
+
+def load_references(models: list[dict]) -> list[tuple[str, torch.nn.Module]]:
+    """The calibration half's clean models, as reference models (the defender's own clean models)."""
+    from backdoorlab.models import load_model
+
+    refs = []
+    for m in models:
+        if m["seed"] == 0 and m["attack"] == "none":
+            net = load_model(m["weights"], num_classes=m["norms"].shape[0], input_shape=tuple(m["images"].shape[2:]))
+            refs.append((m["id"], net.eval()))
+    return refs
+
+
+@torch.no_grad()
+def add_transfer(models: list[dict], cache: Path, chunk: int = 2048) -> None:
+    """``m["transfer"]`` (K, K): over the reference models (the model itself left out), the mean
+    fraction of the source class's clean images that the suspect's pattern for (s, t) sends to t;
+    ``m["locality"]`` (K, K): the share of the pattern's L1 mass inside its best 5x5 window."""
+    refs = load_references(models)
+    for i, m in enumerate(models):
+        f = cache / f"transfer-{m['id'][:16]}.pt"
+        p = m["patterns"].float()
+        k = p.shape[0]
+        w = torch.nn.functional.avg_pool2d(p.abs().sum(2).flatten(0, 1)[:, None], 5, stride=1).flatten(1).amax(1) * 25
+        m["locality"] = (w / p.abs().sum((2, 3, 4)).flatten().clamp_min(1e-9)).view(k, k)
+        if f.is_file():
+            m["transfer"] = torch.load(f)
+            continue
+        x = m["images"].float() / 255  # (K, n, C, H, W)
+        n = x.shape[1]
+        inputs = (x[:, None] + p[:, :, None]).clamp(0, 1).flatten(0, 2)  # (K*K*n, C, H, W), (s, t, i)
+        tgt = torch.arange(k).view(1, k, 1).expand(k, k, n).flatten()
+        rates = []
+        for rid, net in refs:
+            if rid == m["id"]:
+                continue
+            pred = torch.cat([net(inputs[j:j + chunk]).argmax(1) for j in range(0, len(inputs), chunk)])
+            rates.append((pred == tgt).view(k, k, n).float().mean(2))
+        t = torch.stack(rates).mean(0) if rates else torch.full((k, k), float("nan"))
+        t.fill_diagonal_(float("nan"))
+        torch.save(t, f)
+        m["transfer"] = t
+        print(f"transfer [{i + 1}/{len(models)}] {m['model']}/{m['attack']}/seed{m['seed']}", flush=True)
 
 
 def score_mad(m: dict) -> tuple[float, set[int]]:
@@ -110,11 +159,122 @@ def evaluate(models: list[dict], name: str, fn, own_threshold: float | None = No
             "other_targets_named": float(extra[t & flagged].median()) if bool((t & flagged).any()) else float("nan")}
 
 
+def channel_zscores(models: list[dict], values) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per model, (pair z, target z) of ``values(m)`` ((K, K), positive, small = anomalous, as the
+    pattern norms are) against the calibration half's clean models with the library's pair null:
+    leave-one-out for those models themselves, the full null for every other model."""
+    from backdoorlab.defenses._pair_null import fit
+
+    cal_clean = [m for m in models if m["seed"] == 0 and m["attack"] == "none"]
+    full = fit([values(c) for c in cal_clean], [c["reached"] for c in cal_clean], (1, 28, 28))
+    out = {}
+    for m in models:
+        others = [c for c in cal_clean if c is not m]
+        null = full if len(others) == len(cal_clean) else fit([values(c) for c in others], [c["reached"] for c in others], (1, 28, 28))
+        out[m["id"]] = null.zscores(values(m), m["reached"])
+    return out
+
+
+def zscore_rule(models: list[dict], zs: dict):
+    """A model score from per-model (pair z, target z): the larger of max pair z and max target z,
+    each over its threshold, the thresholds fitted on the calibration half's clean models (their
+    leave-one-out z: the larger of the largest and mean + 2.33 SD, as the library's null)."""
+    import math
+
+    from backdoorlab.defenses._pair_null import TAIL_Z, _combined, _max_z
+
+    def thr(xs: list[float]) -> float:
+        v = torch.tensor([x for x in xs if math.isfinite(x)], dtype=torch.float64)
+        return max(float(v.max()), float(v.mean() + TAIL_Z * v.std())) if v.numel() > 1 else math.inf
+
+    cal_clean = [m for m in models if m["seed"] == 0 and m["attack"] == "none"]
+    tp = thr([_max_z(zs[m["id"]][0]) for m in cal_clean])
+    tc = thr([float(zs[m["id"]][1].max()) for m in cal_clean])
+
+    def fn(m: dict) -> tuple[float, set[int]]:
+        pz, cz = zs[m["id"]]
+        named = {int(t) for _, t in torch.nonzero(torch.nan_to_num(pz, nan=-1.0) > tp).tolist()}
+        named |= {int(t) for t in torch.nonzero(cz > tc).flatten().tolist()}
+        return _combined(pz, cz, tp, tc), named
+    return fn
+
+
+def calibration_auroc(models: list[dict], fn) -> float:
+    """AUROC on the calibration half (its clean models scored leave-one-out): what a choice among
+    variants may look at; the evaluation half is only reported."""
+    from backdoorlab import metrics as M
+
+    cal = [m for m in models if m["seed"] == 0]
+    s = torch.nan_to_num(torch.tensor([fn(m)[0] for m in cal], dtype=torch.float64), nan=-1e9, posinf=1e9, neginf=-1e9)
+    return M.auroc(s, torch.tensor([m["attack"] != "none" for m in cal]))
+
+
+def transfer_rows(models: list[dict]) -> list[dict]:
+    """Issue 22 item 4, measured: do planted patterns transfer less to clean reference models, or
+    sit in a smaller window, than natural ones? Each as its own pair null, summed with the norm's
+    z-scores (divided by sqrt(n)), and the norm statistic gated to pairs (targets) whose transfer
+    (column median) is at most a gate."""
+    import math
+
+    def odds(t: torch.Tensor, eps: float = 0.02) -> torch.Tensor:
+        t = t.clamp(eps, 1 - eps)
+        return t / (1 - t)
+
+    zn = channel_zscores(models, lambda m: m["norms"])
+    zt = channel_zscores(models, lambda m: odds(m["transfer"]))  # small odds of moving clean models = anomalous
+    zl = channel_zscores(models, lambda m: ((1 - m["locality"]) / m["locality"].clamp_min(1e-3)).clamp_min(1e-3))
+
+    def add(*chs: dict) -> dict:
+        r = math.sqrt(len(chs))
+        return {k: (sum(c[k][0] for c in chs) / r, sum(c[k][1] for c in chs) / r) for k in chs[0]}
+
+    def gated(gate: float) -> dict:
+        out = {}
+        for m in models:
+            pz, cz = zn[m["id"]]
+            t = m["transfer"]
+            out[m["id"]] = (pz.masked_fill(t > gate, float("nan")),
+                            cz.masked_fill(t.nanmedian(0).values > gate, -math.inf))
+        return out
+
+    for m in models:  # the evidence behind the table, evaluation half
+        if m["seed"] == 0:
+            continue
+        pz, cz = zn[m["id"]]
+        t, src = m["target"], m["source"]
+        if m["attack"] == "none":
+            i = int(torch.nan_to_num(pz, nan=-1e9).flatten().argmax())
+            s_, t_ = divmod(i, pz.shape[0])
+            what = f"top pair {s_}->{t_} (z {float(pz[s_, t_]):.2f})"
+            tr, loc = m["transfer"][s_, t_], m["locality"][s_, t_]
+        elif src is not None:
+            what = f"planted pair {src}->{t} (z {float(pz[src, t]):.2f})"
+            tr, loc = m["transfer"][src, t], m["locality"][src, t]
+        else:
+            what = f"planted target {t} (z {float(cz[t]):.2f})"
+            tr, loc = m["transfer"][:, t].nanmedian(), m["locality"][:, t].nanmedian()
+        print(f"  {m['model']:8s} {m['attack']:12s} {what}: transfer {float(tr):.2f}, locality {float(loc):.2f}")
+    variants = {"norm (pair null, as above)": zn, "transfer": zt, "locality (5x5 window share)": zl,
+                "norm + transfer": add(zn, zt), "norm + locality": add(zn, zl),
+                "norm + transfer + locality": add(zn, zt, zl),
+                **{f"norm, pairs with transfer <= {g}": gated(g) for g in (0.02, 0.05, 0.1, 0.2)}}
+    rows = []
+    for name, zs in variants.items():
+        fn = zscore_rule(models, zs)
+        r = evaluate(models, name, fn, own_threshold=1.0)
+        r["calibration_auroc"] = calibration_auroc(models, fn)
+        rows.append(r)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", default="population-mnist")
     ap.add_argument("--cache", type=Path, default=Path("population-scans"))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N models (a smoke test)")
+    ap.add_argument("--transfer", action="store_true",
+                    help="also measure how each pattern transfers to the calibration half's clean models")
     ap.add_argument("--set", action="append", default=[], help="a pairwise parameter for the scans, e.g. formulation=mask")
     args = ap.parse_args()
     from backdoorlab.runtime import tune_allocator
@@ -122,10 +282,12 @@ def main() -> None:
     tune_allocator()
     params = dict(p.split("=", 1) for p in args.set)
     params = {k: (int(v) if v.isdigit() else v) for k, v in params.items()}
-    models = scan_population(args.grid, args.cache, params)
+    models = scan_population(args.grid, args.cache, params, args.limit)
     learned = [m for m in models if m["attack"] == "none" or (m["asr"] or 0) >= 0.5]  # attacks that took
     print(f"{len(models)} models ({sum(m['attack'] == 'none' for m in models)} clean); "
           f"{len(models) - len(learned)} backdoored ones with ASR < 0.5 left out")
+    if args.transfer:
+        add_transfer(learned, args.cache)
     from backdoorlab.defenses._pair_null import fit
 
     cal_clean = [m for m in learned if m["seed"] == 0 and m["attack"] == "none"]
@@ -144,12 +306,21 @@ def main() -> None:
         sub = [m for m in learned if m["model"] == arch]
         if any(m["seed"] != 0 and m["attack"] == "none" for m in sub) and any(m["seed"] != 0 and m["attack"] != "none" for m in sub):
             rows.append(evaluate(sub, f"  pair-null on {arch}", lambda m: score_null(null, m), own_threshold=1.0))
-    cols = list(rows[0])
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols), flush=True)
+    show(rows)
+    if args.transfer:
+        print("\ntransfer and locality (calibration_auroc: on the calibration half, the only one a choice may use)")
+        more = transfer_rows(learned)
+        show(more)
+        rows += more
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+
+
+def show(rows: list[dict]) -> None:
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols), flush=True)
 
 
 if __name__ == "__main__":
