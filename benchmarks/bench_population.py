@@ -159,6 +159,10 @@ def evaluate(models: list[dict], name: str, fn, own_threshold: float | None = No
             "other_targets_named": float(extra[t & flagged].median()) if bool((t & flagged).any()) else float("nan")}
 
 
+def _shape(models: list[dict]) -> tuple[int, ...]:
+    return tuple(models[0]["images"].shape[2:])
+
+
 def channel_zscores(models: list[dict], values) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per model, (pair z, target z) of ``values(m)`` ((K, K), positive, small = anomalous, as the
     pattern norms are) against the calibration half's clean models with the library's pair null:
@@ -166,11 +170,11 @@ def channel_zscores(models: list[dict], values) -> dict[str, tuple[torch.Tensor,
     from backdoorlab.defenses._pair_null import fit
 
     cal_clean = [m for m in models if m["seed"] == 0 and m["attack"] == "none"]
-    full = fit([values(c) for c in cal_clean], [c["reached"] for c in cal_clean], (1, 28, 28))
+    full = fit([values(c) for c in cal_clean], [c["reached"] for c in cal_clean], _shape(models))
     out = {}
     for m in models:
         others = [c for c in cal_clean if c is not m]
-        null = full if len(others) == len(cal_clean) else fit([values(c) for c in others], [c["reached"] for c in others], (1, 28, 28))
+        null = full if len(others) == len(cal_clean) else fit([values(c) for c in others], [c["reached"] for c in others], _shape(models))
         out[m["id"]] = null.zscores(values(m), m["reached"])
     return out
 
@@ -291,7 +295,7 @@ def main() -> None:
     from backdoorlab.defenses._pair_null import fit
 
     cal_clean = [m for m in learned if m["seed"] == 0 and m["attack"] == "none"]
-    null = fit([m["norms"] for m in cal_clean], [m["reached"] for m in cal_clean], (1, 28, 28), "calibration half")
+    null = fit([m["norms"] for m in cal_clean], [m["reached"] for m in cal_clean], _shape(learned), "calibration half")
     print(f"null: {null.describe()}")
     rows = [evaluate(learned, "mad rule (fixed threshold 3 / 2)", score_mad, own_threshold=3.0),
             evaluate(learned, "mad, threshold fitted on the calibration half", score_mad),

@@ -76,3 +76,23 @@ def test_population_command_refuses_a_population_without_a_roc(tmp_path, attacks
     r = CliRunner().invoke(app, ["population", str(grid), "--store", str(tmp_path / "store")])
     assert r.exit_code == 2 and words in r.output, r.output
     assert not (tmp_path / "store" / "runs").exists() or not any((tmp_path / "store" / "runs").iterdir())
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_shipped_populations_expand_with_clean_models_in_both_halves(name):
+    """Each shipped population builds its cells (every model and attack setting valid) and holds what
+    its report needs: clean models in the calibration half (>= 3, the null's minimum) and backdoored
+    and clean models in the evaluation half."""
+    from pathlib import Path
+
+    from backdoorlab.grid import load_grid
+    from backdoorlab.population import check_population
+
+    g = load_grid(Path(__file__).resolve().parents[1] / "configs" / "populations" / f"{name}.yaml")
+    check_population(g.spec)
+    victims = [c for c in g.cells if c.kind == "victim"]
+    first = min(g.spec.seeds)
+    assert sum(c.attack == "none" and c.seed == first for c in victims) >= 3
+    evaluation = [c for c in victims if c.seed != first]
+    assert any(c.attack == "none" for c in evaluation) and any(c.attack != "none" for c in evaluation)
+    assert len({c.model for c in victims}) >= 3
