@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def scan_population(grid: str, cache: Path, params: dict | None = None, limit: int | None = None) -> list[dict]:
+def scan_population(grid: str, cache: Path, params: dict | None = None, limit: int | None = None,
+                    config: Path | None = None) -> list[dict]:
     from backdoorlab.cellstore import CellStore
     from backdoorlab.config import ExperimentConfig
     from backdoorlab.defenses.common import images_per_class
@@ -45,7 +46,13 @@ def scan_population(grid: str, cache: Path, params: dict | None = None, limit: i
     cache.mkdir(parents=True, exist_ok=True)
     store = Store(default_home())
     cs = CellStore(store)
-    rows = [r for r in cs.cells(grid) if r.defense == "none" and r.status == "done"][:limit]
+    rows = [r for r in cs.cells(grid) if r.defense == "none" and r.status == "done"]
+    if config is not None:  # only the cells of the grid as it is now (a store keeps cells of earlier versions)
+        from backdoorlab.grid import load_grid
+
+        ids = {c.cell_id for c in load_grid(config).cells}
+        rows = [r for r in rows if r.cell_id in ids]
+    rows = rows[:limit]
     recs = cs.records(rows)
     out = []
     for i, r in enumerate(rows):
@@ -276,6 +283,8 @@ def main() -> None:
     ap.add_argument("--grid", default="population-mnist")
     ap.add_argument("--cache", type=Path, default=Path("population-scans"))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--config", type=Path, default=None,
+                    help="the population YAML: only its current cells (the store may hold cells of earlier versions)")
     ap.add_argument("--limit", type=int, default=None, help="only the first N models (a smoke test)")
     ap.add_argument("--transfer", action="store_true",
                     help="also measure how each pattern transfers to the calibration half's clean models")
@@ -286,7 +295,7 @@ def main() -> None:
     tune_allocator()
     params = dict(p.split("=", 1) for p in args.set)
     params = {k: (int(v) if v.isdigit() else v) for k, v in params.items()}
-    models = scan_population(args.grid, args.cache, params, args.limit)
+    models = scan_population(args.grid, args.cache, params, args.limit, args.config)
     learned = [m for m in models if m["attack"] == "none" or (m["asr"] or 0) >= 0.5]  # attacks that took
     print(f"{len(models)} models ({sum(m['attack'] == 'none' for m in models)} clean); "
           f"{len(models) - len(learned)} backdoored ones with ASR < 0.5 left out")

@@ -96,3 +96,21 @@ def test_shipped_populations_expand_with_clean_models_in_both_halves(name):
     evaluation = [c for c in victims if c.seed != first]
     assert any(c.attack == "none" for c in evaluation) and any(c.attack != "none" for c in evaluation)
     assert len({c.model for c in victims}) >= 3
+
+
+def test_an_attack_mode_the_attack_cannot_run_is_refused_when_the_grid_loads(tmp_path):
+    """SIG is clean-label only: a population asking for it all-to-one is refused at load time, naming
+    the cell, the attack and the modes it supports (not after training the other cells)."""
+    from backdoorlab.errors import BackdoorLabError
+    from backdoorlab.grid import load_grid
+
+    grid = tmp_path / "pop.yaml"
+    grid.write_text(yaml.safe_dump({"name": "pop", "datasets": [{"name": "cifar10"}], "seeds": [0, 1],
+                                    "attacks": [None, {"name": "sig", "mode": "all-to-one", "target": 2, "label": "sig-a2o"}],
+                                    "defenses": [{"name": "pairwise"}]}))
+    with pytest.raises(BackdoorLabError, match=r"sig-a2o.*attack\.mode: sig supports clean-label; got 'all-to-one'"):
+        load_grid(grid)
+    ok = yaml.safe_load(grid.read_text())
+    ok["attacks"][1]["mode"] = "clean-label"
+    grid.write_text(yaml.safe_dump(ok))
+    assert {c.attack for c in load_grid(grid).cells} == {"none", "sig-a2o"}

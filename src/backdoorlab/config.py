@@ -103,7 +103,11 @@ class ExperimentConfig(BaseModel):
         for i, d in enumerate(self.defenses):
             DEFENSES.build(d.name, d.extras(), where=f"defenses.{i}")
         if self.attack is not None:
-            ATTACKS.build(self.attack.name, self.attack.extras(), where="attack")
+            atk = ATTACKS.build(self.attack.name, self.attack.extras(), where="attack")
+            modes = getattr(atk, "modes", None)
+            if modes and self.attack.mode not in modes:  # refused before any training, not when poisoning
+                raise BackdoorLabError(f"attack.mode: {self.attack.name} supports {', '.join(modes)}; got "
+                                       f"{self.attack.mode!r}; set attack.mode to one of those")
             if self.attack.mode == "source-specific" and self.attack.source is None:
                 raise BackdoorLabError("attack.source: mode 'source-specific' needs the source class")
 
