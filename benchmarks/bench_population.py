@@ -192,15 +192,11 @@ def zscore_rule(models: list[dict], zs: dict):
     leave-one-out z: the larger of the largest and mean + 2.33 SD, as the library's null)."""
     import math
 
-    from backdoorlab.defenses._pair_null import TAIL_Z, _combined, _max_z
-
-    def thr(xs: list[float]) -> float:
-        v = torch.tensor([x for x in xs if math.isfinite(x)], dtype=torch.float64)
-        return max(float(v.max()), float(v.mean() + TAIL_Z * v.std())) if v.numel() > 1 else math.inf
+    from backdoorlab.defenses._pair_null import _combined, _max_z, tail_threshold
 
     cal_clean = [m for m in models if m["seed"] == 0 and m["attack"] == "none"]
-    tp = thr([_max_z(zs[m["id"]][0]) for m in cal_clean])
-    tc = thr([float(zs[m["id"]][1].max()) for m in cal_clean])
+    tp = tail_threshold([_max_z(zs[m["id"]][0]) for m in cal_clean], default=math.inf)
+    tc = tail_threshold([float(zs[m["id"]][1].max()) for m in cal_clean], default=math.inf)
 
     def fn(m: dict) -> tuple[float, set[int]]:
         pz, cz = zs[m["id"]]

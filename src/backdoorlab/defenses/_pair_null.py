@@ -158,6 +158,13 @@ def _max_z(pz: torch.Tensor) -> float:
     return float(p.max()) if p.numel() else -math.inf
 
 
+def tail_threshold(clean_maxima: Sequence[float], default: float = 3.0) -> float:
+    """The threshold over clean models' leave-one-out maxima: the larger of their largest and their
+    Gaussian 1% tail (mean + 2.33 SD); ``default`` with fewer than two finite maxima."""
+    v = torch.tensor([x for x in clean_maxima if math.isfinite(x)], dtype=torch.float64)
+    return max(float(v.max()), float(v.mean() + TAIL_Z * v.std())) if v.numel() > 1 else default
+
+
 def fit(norms: Sequence[torch.Tensor], reached: Sequence[torch.Tensor], input_shape: Sequence[int],
         source: str = "", scan: dict | None = None) -> PairNull:
     """The null of ``norms`` ((K, K) per clean model; ``reached`` the pairs that reached pi), with
@@ -179,11 +186,7 @@ def fit(norms: Sequence[torch.Tensor], reached: Sequence[torch.Tensor], input_sh
         pair_max.append(_max_z(pz))
         col_max.append(float(cz.max()))
 
-    def thr(xs: list[float]) -> float:
-        v = torch.tensor([x for x in xs if math.isfinite(x)], dtype=torch.float64)
-        return max(float(v.max()), float(v.mean() + TAIL_Z * v.std())) if v.numel() > 1 else 3.0
-
     pm, psd = _mean_sd(res)
     cm, csd = _mean_sd(col)
-    return PairNull(pm.float(), psd.float(), cm.float(), csd.float(), thr(pair_max), thr(col_max), n,
+    return PairNull(pm.float(), psd.float(), cm.float(), csd.float(), tail_threshold(pair_max), tail_threshold(col_max), n,
                     tuple(int(s) for s in input_shape), source, dict(scan or {}))
