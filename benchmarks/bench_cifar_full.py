@@ -15,12 +15,15 @@ Parts (each one command; run each under ``flock /tmp/heavy.lock`` on a shared ma
 - ``attack``: ``--attack badnets|blend|sig|wanet|input-aware`` (10% poisoned, all-to-one -> 0; ``ATTACK_SETTINGS``) with the fastnet recipe:
   CA, ASR; ``--strip`` also screens the triggered and clean test sets with STRIP (FRR preset 1% on
   the clean holdout): FRR, FAR; ``strip --load F`` does that for a victim saved by ``attack --save F``.
+- ``repair --load F``: the repairers (``--repairers``, ``-p NAME.KEY=VALUE``) on a saved victim, on its
+  clean held-out set (2,500 images), through the runner's path: CA, ASR, DER, seconds.
 
     BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py load
     BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py train [--epochs 10] [--subset] [--seed 0]
     BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py epoch [--batches 6]
     BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py attack --attack badnets [--strip] [--save F]
     BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py strip --attack badnets --load F [--strip-n 1000]
+    BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py repair --attack badnets --load F [--repairers fine-pruning,nad]
 """
 
 from __future__ import annotations
@@ -214,6 +217,30 @@ def part_strip(args) -> dict:
     return out
 
 
+def part_repair(args) -> dict:
+    """Repairers on a victim saved by ``attack --save`` (issues 25 and 26): the same data (seeded), the
+    runner's path (the clean held-out set, CA / ASR / DER), as ``bench_repairers.py`` on MNIST."""
+    from bench_repairers import parse_params, repair_all
+
+    from backdoorlab.experiment import evaluate_victim, prepare, setup_torch
+    from backdoorlab.models import load_model
+
+    cfg = _config(args, args.attack)
+    setup_torch(cfg)
+    prep = prepare(cfg)
+    model = load_model(Path(args.load), num_classes=10, input_shape=(3, 32, 32)).eval()
+    base = {k: float(v) for k, v in evaluate_victim(model, prep).items()}
+    print(f"   victim {args.load}: CA {base['clean_accuracy']:.4f}  ASR {base['attack_success_rate']:.4f}; "
+          f"{len(prep.splits.holdout)} clean held-out images", flush=True)
+    rows = repair_all(prep, model, base, args.repairers.split(","), parse_params(args.param), cfg.seed)
+    out = {"attack": args.attack, "seed": cfg.seed, "model": args.load, "holdout": len(prep.splits.holdout),
+           "victim": {k: round(v, 4) for k, v in base.items()},
+           "repairers": {k: {m: (round(float(x), 4) if isinstance(x, (int, float)) else x) for m, x in r.items()
+                             if isinstance(x, (int, float, str))} for k, r in rows.items()}}
+    print(json.dumps(out))
+    return out
+
+
 def part_epoch(args) -> dict:
     from backdoorlab.models import ModelSpec, build_model
     from backdoorlab.train import _memory_format
@@ -249,7 +276,7 @@ def part_epoch(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("part", choices=["load", "train", "epoch", "attack", "strip"])
+    ap.add_argument("part", choices=["load", "train", "epoch", "attack", "strip", "repair"])
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--subset", action="store_true", help="the 10,000-image npz subset instead of the full set")
@@ -260,11 +287,15 @@ def main() -> None:
     ap.add_argument("--attack", choices=sorted(ATTACK_SETTINGS), default="badnets")
     ap.add_argument("--strip", action="store_true")
     ap.add_argument("--save", help="write the trained model here (.safetensors)")
-    ap.add_argument("--load", help="strip: the victim saved by `attack --save`")
+    ap.add_argument("--load", help="strip, repair: the victim saved by `attack --save`")
     ap.add_argument("--strip-n", type=int, default=None, help="strip: screen the first N clean and N triggered test images")
     ap.add_argument("--no-eval", action="store_true", help="strip: skip the victim's CA / ASR")
     ap.add_argument("--superimpose", choices=["sum", "add", "average"], default="sum", help="strip: STRIP's blend")
     ap.add_argument("--no-tta", action="store_true", help="strip: screen with the model's flip TTA off")
+    ap.add_argument("--repairers", default="fine-pruning,fine-tuning,nad,anp,i-bau,clp,nc-unlearning",
+                    help="repair: repairers by name, or name:key=value:... variants, comma-separated")
+    ap.add_argument("-p", "--param", action="append", default=[], metavar="NAME.KEY=VALUE",
+                    help="repair: a repairer's parameter, e.g. -p fine-tuning.lr=0.05 (repeatable)")
     ap.add_argument("--json", help="append the result as one JSON line to this file")
     args = ap.parse_args()
     need_shared()
@@ -279,6 +310,8 @@ def main() -> None:
         res = part_epoch(args)
     elif args.part == "strip":
         res = part_strip(args)
+    elif args.part == "repair":
+        res = part_repair(args)
     else:
         res = part_train(args, attack=args.attack)
     if args.json:

@@ -112,6 +112,24 @@ def test_surgery_folds_the_next_batch_norm_in_a_preact_resnet():
     assert s.following_bn(units["layer4.1.conv2"]) == ("bn.weight", "bn.running_var")  # the final batch norm
 
 
+def test_surgery_keeps_subclassed_layers_as_leaves_in_fastnet():
+    # fastnet's batch norm subclasses nn.BatchNorm2d (other defaults, same forward): plain
+    # torch.fx.symbolic_trace steps into it and stops at its input checks ("cannot trace this model")
+    from backdoorlab.defenses._surgery import Surgery
+
+    net = build_model(ModelSpec("fastnet", 10, (3, 32, 32), {"widths": (8, 16, 16)})).eval()
+    x = torch.rand(4, 3, 32, 32)
+    s = Surgery(net, x)
+    units = {u.name: u for u in s.units}
+    assert units["block3.conv2"].gate_weight == "block3.bn2.weight"
+    assert s.following_bn(units["block2.conv1"]) == ("block2.bn1.weight", "block2.bn1.running_var")  # through the pool
+    assert torch.allclose(s.net(x), net(x), atol=1e-5)  # the flip-TTA graph computes the model
+    with torch.no_grad():  # an outlying channel, as in the CLP test above
+        net.block3.conv2.weight[3] *= 50.0
+    res = DEFENSES.create("clp").repair(net, None)
+    assert 1 <= res.details["pruned"] <= 4
+
+
 def test_methods_that_need_layers_say_so():
     mlp = build_model(ModelSpec("mlp", 3, (1, 28, 28))).eval()
     _, data = _small_net("cnn")

@@ -93,6 +93,21 @@ def is_foreign(model: nn.Module) -> bool:
             or any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()))
 
 
+_CONTAINERS = (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+class _Tracer(torch.fx.Tracer):
+    """``torch.fx``'s tracer, with one change: a subclass of a standard layer that keeps the layer's
+    ``forward`` (e.g. a ``BatchNorm2d`` with other defaults, as fastnet's) stays a leaf like the
+    layer itself. The default tracer steps into it, and batch norm's input checks stop the trace."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if super().is_leaf_module(m, module_qualified_name):
+            return True
+        base = next((b for b in type(m).__mro__[1:] if b.__module__.startswith("torch.nn.")), None)
+        return base is not None and base not in _CONTAINERS and type(m).forward is base.forward
+
+
 def _graph(inner: nn.Module, probe: torch.Tensor) -> torch.fx.GraphModule:
     if isinstance(inner, torch.jit.ScriptModule):
         from backdoorlab.models.io import quiet_export, quiet_jit
@@ -113,7 +128,9 @@ def _graph(inner: nn.Module, probe: torch.Tensor) -> torch.fx.GraphModule:
     if isinstance(inner, torch.fx.GraphModule):
         return inner
     try:
-        return torch.fx.symbolic_trace(inner)
+        tracer = _Tracer()
+        graph = tracer.trace(inner)
+        return torch.fx.GraphModule(tracer.root, graph, type(inner).__name__)
     except Exception as exc:  # noqa: BLE001 - Python control flow the tracer cannot follow
         from backdoorlab.validate import exception_summary
 
