@@ -274,6 +274,34 @@ def transfer_rows(models: list[dict]) -> list[dict]:
     return rows
 
 
+def channel_rows(models: list[dict], other: dict[str, dict], label: str) -> list[dict]:
+    """A second scan's norms (``other``, by cell id) beside the first's: each alone, their z-scores
+    summed (over sqrt 2) and their larger, through the same pair null and thresholds as
+    :func:`transfer_rows`. A pair counts as reached when both scans reached it."""
+    import math
+
+    both = {m["id"]: m["reached"] & other[m["id"]]["reached"] for m in models}
+    saved = {m["id"]: m["reached"] for m in models}
+    for m in models:
+        m["reached"] = both[m["id"]]
+    try:
+        za = channel_zscores(models, lambda m: m["norms"])
+        zb = channel_zscores(models, lambda m: other[m["id"]]["norms"])
+    finally:
+        for m in models:
+            m["reached"] = saved[m["id"]]
+    zsum = {k: ((za[k][0] + zb[k][0]) / math.sqrt(2), (za[k][1] + zb[k][1]) / math.sqrt(2)) for k in za}
+    zmax = {k: (torch.fmax(za[k][0], zb[k][0]), torch.maximum(za[k][1], zb[k][1])) for k in za}
+    rows = []
+    for name, zs in {"first scan (pairs both reached)": za, f"second scan ({label})": zb,
+                     "sum of both": zsum, "larger of both": zmax}.items():
+        fn = zscore_rule(models, zs)
+        r = evaluate(models, name, fn, own_threshold=1.0)
+        r["calibration_auroc"] = calibration_auroc(models, fn)
+        rows.append(r)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", default="population-mnist")
@@ -285,12 +313,17 @@ def main() -> None:
     ap.add_argument("--transfer", action="store_true",
                     help="also measure how each pattern transfers to the calibration half's clean models")
     ap.add_argument("--set", action="append", default=[], help="a pairwise parameter for the scans, e.g. formulation=mask")
+    ap.add_argument("--with", dest="with_", action="append", default=[], metavar="KEY=VALUE",
+                    help="a second scan of every model with these parameters (e.g. norm=l2), its norms combined "
+                         "with the first scan's as pair-null channels")
     args = ap.parse_args()
     from backdoorlab.runtime import tune_allocator
 
     tune_allocator()
-    params = dict(p.split("=", 1) for p in args.set)
-    params = {k: (int(v) if v.isdigit() else v) for k, v in params.items()}
+    def parse(items: list[str]) -> dict:
+        return {k: (int(v) if v.isdigit() else v) for k, v in (p.split("=", 1) for p in items)}
+
+    params = parse(args.set)
     models = scan_population(args.grid, args.cache, params, args.limit, args.config)
     learned = [m for m in models if m["attack"] == "none" or (m["asr"] or 0) >= 0.5]  # attacks that took
     print(f"{len(models)} models ({sum(m['attack'] == 'none' for m in models)} clean); "
@@ -319,6 +352,13 @@ def main() -> None:
     if args.transfer:
         print("\ntransfer and locality (calibration_auroc: on the calibration half, the only one a choice may use)")
         more = transfer_rows(learned)
+        show(more)
+        rows += more
+    if args.with_:
+        other = {m["id"]: m for m in scan_population(args.grid, args.cache, {**params, **parse(args.with_)}, args.limit,
+                                                     args.config)}
+        print(f"\nsecond scan ({', '.join(args.with_)}) as a channel (calibration_auroc: the calibration half's)")
+        more = channel_rows(learned, other, ", ".join(args.with_))
         show(more)
         rows += more
     if args.json:
