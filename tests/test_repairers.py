@@ -130,6 +130,16 @@ def test_surgery_keeps_subclassed_layers_as_leaves_in_fastnet():
     assert 1 <= res.details["pruned"] <= 4
 
 
+def test_i_bau_caps_alpha_where_the_neumann_series_would_diverge():
+    ibau = DEFENSES.create("i-bau")
+    g = torch.randn(1, 3, 8, 8)
+    # H = 400 I (the full-CIFAR fastnet victim's order): terms of (I + 0.1 H)^k grow 41x each
+    assert ibau._alpha(lambda u: 400.0 * u, g) == pytest.approx(0.5 / 400.0)
+    assert ibau._alpha(lambda u: 2.0 * u, g) == ibau.alpha  # an MNIST cnn's order: alpha kept
+    diag = torch.linspace(-3.0, 300.0, g.numel()).view_as(g)  # power iteration finds the largest eigenvalue
+    assert 0.5 / 300.0 <= ibau._alpha(lambda u: diag * u, g) <= 0.5 / 30.0
+
+
 def test_methods_that_need_layers_say_so():
     mlp = build_model(ModelSpec("mlp", 3, (1, 28, 28))).eval()
     _, data = _small_net("cnn")
