@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -77,7 +78,8 @@ def scan_population(grid: str, cache: Path, params: dict | None = None, limit: i
         out.append({"data": r.data, "model": r.model, "attack": r.attack, "seed": r.seed, "norms": d["norms"],
                     "reached": d["reached"], "patterns": d.get("patterns"), "images": d.get("images"),
                     "weights": Path(rec.run_dir) / "weights.safetensors", "id": r.cell_id, "target": a.get("target"), "source": a.get("source"),
-                    "mode": a.get("mode"), "asr": rec.metrics.get("attack_success_rate")})
+                    "mode": a.get("mode"), "asr": rec.metrics.get("attack_success_rate"),
+                    "precision": math.log1p(2.0 ** -PairwiseTriggerInspector(**(params or {})).bisection_steps)})
     return out
 
 
@@ -129,7 +131,7 @@ def score_mad(m: dict) -> tuple[float, set[int]]:
     """The inspector's own MAD rule: (largest anomaly index, targets of the pairs above 3 or targets above 2)."""
     from backdoorlab.defenses.pairwise import mad_rule
 
-    a, ta = mad_rule(m["norms"])
+    a, ta = mad_rule(m["norms"], m["precision"])
     a[~m["reached"]] = float("nan")
     named = {int(t) for _, t in torch.nonzero(torch.nan_to_num(a, nan=-1.0) > 3.0).tolist()}
     named |= {int(t) for t in torch.nonzero(ta > 2.0).flatten().tolist()}
@@ -335,6 +337,9 @@ def main() -> None:
     cal_clean = [m for m in learned if m["seed"] == 0 and m["attack"] == "none"]
     null = fit([m["norms"] for m in cal_clean], [m["reached"] for m in cal_clean], _shape(learned), "calibration half")
     print(f"null: {null.describe()}")
+    lib = zscore_rule(learned, channel_zscores(learned, lambda m: m["norms"]))
+    print(f"pair-null AUROC on the calibration half (clean models leave-one-out; what a choice may use): "
+          f"{calibration_auroc(learned, lib):.3f}")
     rows = [evaluate(learned, "mad rule (fixed threshold 3 / 2)", score_mad, own_threshold=3.0),
             evaluate(learned, "mad, threshold fitted on the calibration half", score_mad),
             evaluate(learned, "pair-null (library), its leave-one-out threshold", lambda m: score_null(null, m),

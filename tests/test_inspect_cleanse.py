@@ -310,3 +310,30 @@ def test_neural_cleanse_flags_the_all_to_one_target():
     assert res.backdoored and res.flagged_targets[0] == 2 and float(res.scores[2]) < 0.05 * float(res.scores.median())
     assert int(res.details["masks"][2, 0].flatten().argmax()) == 9 * 10 + 9
     assert not DEFENSES.create("neural-cleanse", steps=120).inspect(QuadrantNet(False), clean).backdoored
+
+
+def test_scan_design_within_budget_keeps_every_target_and_source_balanced():
+    """Above ``budget`` the min-norm scan optimises a balanced design of pairs: every target from m
+    sources and every source toward m targets, the same for every model of that class count."""
+    p = DEFENSES.create("pairwise")
+    assert len(p.scanned_pairs(10)) == 90  # 10 classes: 90 x 10 images x 30 steps = 27,000 <= 130,000
+    design = p.scanned_pairs(43)
+    m = 130_000 // (43 * 10 * 30)
+    assert m == 10 and len(design) == len(set(design)) == 43 * m and all(s != t for s, t in design)
+    for c in range(43):
+        assert sum(t == c for _, t in design) == m and sum(s == c for s, _ in design) == m
+    assert design == DEFENSES.create("pairwise", seed=5).scanned_pairs(43)
+    assert len(DEFENSES.create("pairwise", budget=None).scanned_pairs(43)) == 43 * 42
+    # a scan within a small budget: unscanned pairs are NaN and unreached; the all-to-one target's
+    # column still holds its m sources and its norms are the smallest
+    insp = DEFENSES.create("pairwise", images_per_class=30, opt_images=10, steps=40, budget=5 * 400 * 3)
+    pairs = insp.scanned_pairs(K)
+    assert len(pairs) == 3 * K  # m = 3 of the 4 sources per target
+    est = insp.estimate(QuadrantNet(backdoor=True, all_to_one=True), quadrant_data(30, 0))
+    scanned = torch.zeros(K, K, dtype=torch.bool)
+    scanned[tuple(torch.tensor(pairs).T)] = True
+    assert bool(torch.isfinite(est["norms"])[scanned].all()) and bool(torch.isnan(est["norms"][~scanned]).all())
+    assert not bool(est["reached"][~scanned].any())
+    col = torch.nanmedian(est["norms"], 0).values
+    others = torch.cat([col[:2], col[3:]])
+    assert float(col[2]) * 3 < float(others.min())
