@@ -140,6 +140,30 @@ def test_i_bau_caps_alpha_where_the_neumann_series_would_diverge():
     assert 0.5 / 300.0 <= ibau._alpha(lambda u: diag * u, g) <= 0.5 / 30.0
 
 
+def test_i_bau_clips_an_exploding_hypergradient():
+    """A confident model under a large perturbation gives a huge outer gradient (the full-CIFAR fastnet
+    victim: norm 465, and one SGD step made the next hypergradient overflow); it is clipped to
+    ``max_grad_norm``, and left alone without the cap."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    with torch.no_grad():
+        net[3].weight.mul_(300.0)  # logits of order 100: tens of nats on wrong labels, large first-layer gradients
+    params = [p for p in net.parameters()]
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    delta = torch.rand(1, 3, 8, 8)
+
+    def norm_after(**kw) -> float:
+        for p in params:
+            p.grad = None
+        DEFENSES.create("i-bau", **kw)._hypergradient(net, params, x, y, delta)
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+
+    raw = norm_after(max_grad_norm=None)
+    assert raw > 100.0
+    assert norm_after() == pytest.approx(10.0, rel=1e-4)
+    assert norm_after(max_grad_norm=1e6) == pytest.approx(raw, rel=1e-4)
+
+
 def test_methods_that_need_layers_say_so():
     mlp = build_model(ModelSpec("mlp", 3, (1, 28, 28))).eval()
     _, data = _small_net("cnn")
