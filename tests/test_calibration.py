@@ -116,5 +116,9 @@ def test_calibrate_then_audit_cli(model_files):
     r = runner.invoke(app, ["audit", "--model", "suspect.pt", "--data", "clean.npz", "--images-per-class", "20",
                             "--calibration", "null.safetensors", "--out", "a4"])
     assert r.exit_code == 2 and "images_per_class 30 (here 20)" in r.output and not (model_files / "a4").exists()
+    # so is a suspect scanned on every pair against a calibration within the budget
+    r = runner.invoke(app, ["audit", "--model", "suspect.pt", *common, "--every-pair", "--calibration", "null.safetensors",
+                            "--out", "a5"])
+    assert r.exit_code == 2 and "budget 130000 (here None)" in r.output and not (model_files / "a5").exists()
     r = runner.invoke(app, ["calibrate", "--model", "clean0.pt", *common, "--out", "x.safetensors"])
     assert r.exit_code == 2 and "at least 3 clean models" in r.output and not (model_files / "x.safetensors").exists()

@@ -211,16 +211,18 @@ class AuditReport(_Verdict, Report):
 
 def audit(model: ModelLike, clean: DataLike, *, train: DataLike | None = None, pi: float = 0.9,
           images_per_class: int = 100, statistic: str = "min-norm", technique: int = 2, relabel: str = "auto",
-          seed: int = 0, arch: str | None = None, calibration: Any = None) -> AuditReport:
+          seed: int = 0, arch: str | None = None, calibration: Any = None, every_pair: bool = False) -> AuditReport:
     """Is this model backdoored? Reverse-engineer a trigger for every (source, target) pair on the
     clean images (an npz's test split when it has one) and flag the outliers; with ``train``, flag
     the poisoned training samples and correct their labels (pattern subtraction). ``calibration``:
     a file written by :func:`calibrate` (clean models of the same data): each pair is then compared
-    with the same pair in those clean models, with the thresholds fitted there."""
+    with the same pair in those clean models, with the thresholds fitted there. ``every_pair``: scan
+    all K(K-1) pairs even above the scan's budget (many classes: see the pairwise inspector's ``budget``)."""
     t0 = time.perf_counter()
     # every parameter is checked before anything is loaded (the cleanser's too, used only with ``train``)
     insp = make_defense("pairwise", {"pi": pi, "images_per_class": images_per_class, "statistic": statistic,
-                                     "seed": seed, "calibration": None if calibration is None else str(calibration)},
+                                     "seed": seed, "calibration": None if calibration is None else str(calibration),
+                                     **({"budget": None} if every_pair else {})},
                         family="inspector", where="audit")
     cl = make_defense("pattern-subtraction", {"technique": technique, "relabel": relabel, "seed": seed},
                       family="cleanser", where="audit")
@@ -255,7 +257,7 @@ class CalibrationReport(Report):
 
 
 def calibrate(models: list[ModelLike], clean: DataLike, out: Any, *, pi: float = 0.9, images_per_class: int = 100,
-              seed: int = 0, arch: str | None = None) -> CalibrationReport:
+              seed: int = 0, arch: str | None = None, every_pair: bool = False) -> CalibrationReport:
     """Fit the pairwise scan's null on clean ``models`` (3 or more, all of the same data as
     ``clean``) and write it to ``out`` (safetensors). Each model is scanned as :func:`audit` scans a
     suspect (same ``pi``, ``images_per_class``, ``seed``): use the same settings when auditing."""
@@ -267,8 +269,8 @@ def calibrate(models: list[ModelLike], clean: DataLike, out: Any, *, pi: float =
     models = list(models)
     if len(models) < 3:
         raise BackdoorLabError(f"calibration needs at least 3 clean models (got {len(models)}); give more --model")
-    insp = make_defense("pairwise", {"pi": pi, "images_per_class": images_per_class, "seed": seed},
-                        family="inspector", where="calibrate")
+    insp = make_defense("pairwise", {"pi": pi, "images_per_class": images_per_class, "seed": seed,
+                                     **({"budget": None} if every_pair else {})}, family="inspector", where="calibrate")
     clean_set = load_data(clean, split="auto")
     nets = [load_model(m, data=clean_set, arch=arch) for m in models]  # every model checked before the first scan
     norms, reached, per_model = [], [], []

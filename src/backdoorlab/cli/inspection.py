@@ -28,6 +28,8 @@ def audit(
     report: Optional[Path] = typer.Option(None, "--out", help="report folder (figures, flagged samples); default ./audit-<time>"),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="a null fitted on clean models of the same "
                                                "data (`backdoorlab calibrate`): calibrated thresholds instead of the MAD rule"),
+    every_pair: bool = typer.Option(False, "--every-pair", help="scan all K(K-1) pairs; by default, above a budget "
+                                    "(more than 21 classes at the defaults) each target is scanned from a balanced sample of sources"),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = JsonOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -38,7 +40,7 @@ def audit(
 
     setup_logging(verbose)
     res = api.audit(model, data, train=train, arch=arch, pi=pi, images_per_class=images_per_class, statistic=statistic,
-                    technique=technique, relabel=relabel, seed=seed, calibration=calibration)
+                    technique=technique, relabel=relabel, seed=seed, calibration=calibration, every_pair=every_pair)
     folder = res.write(report)
     result = res.to_dict()
     if as_json:
@@ -70,6 +72,7 @@ def calibrate(
     arch: Optional[str] = typer.Option(None, "--arch", help="architecture for plain safetensors weights"),
     pi: float = typer.Option(0.9, "--pi", help="as for `audit` (use the same value when auditing)"),
     images_per_class: int = typer.Option(100, "--images-per-class", help="as for `audit`"),
+    every_pair: bool = typer.Option(False, "--every-pair", help="as for `audit`"),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = JsonOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -79,7 +82,8 @@ def calibrate(
     from backdoorlab import api
 
     setup_logging(verbose)
-    res = api.calibrate(model, data, out_file, arch=arch, pi=pi, images_per_class=images_per_class, seed=seed)
+    res = api.calibrate(model, data, out_file, arch=arch, pi=pi, images_per_class=images_per_class, seed=seed,
+                        every_pair=every_pair)
     if as_json:
         print_json(res.to_dict())
         return
