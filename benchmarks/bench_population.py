@@ -79,7 +79,7 @@ def scan_population(grid: str, cache: Path, params: dict | None = None, limit: i
                     "reached": d["reached"], "patterns": d.get("patterns"), "images": d.get("images"),
                     "weights": Path(rec.run_dir) / "weights.safetensors", "id": r.cell_id, "target": a.get("target"), "source": a.get("source"),
                     "mode": a.get("mode"), "asr": rec.metrics.get("attack_success_rate"),
-                    "precision": math.log1p(2.0 ** -PairwiseTriggerInspector(**(params or {})).bisection_steps)})
+                    "precision": PairwiseTriggerInspector(**(params or {})).resolution})
     return out
 
 

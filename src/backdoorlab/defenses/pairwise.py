@@ -159,14 +159,19 @@ class PairwiseTriggerInspector(_TriggerSearch, Inspector):
                 "budget": self.budget, "bisection_steps": self.bisection_steps,
                 "sparsify_tolerance": self.sparsify_tolerance, "restarts": self.restarts}
 
-    def scanned_pairs(self, k: int) -> list[tuple[int, int]]:
+    @property
+    def resolution(self) -> float:
+        """The log-size resolution of the rescaling's bisection, ``log(1 + 2^-bisection_steps)``."""
+        return math.log1p(2.0 ** -self.bisection_steps)
+
+    def scanned_pairs(self, k: int, statistic: str | None = None) -> list[tuple[int, int]]:
         """The (source, target) pairs a min-norm scan of ``k`` classes optimises within ``budget``: all
         K(K-1), or the m offsets j_i = 1 + floor(i (K-1) / m) of each source, (s, (s + j_i) mod K), so
         that every target has m sources and every source m targets (a deterministic design, the same
         for a calibration and a suspect of the same class count)."""
         every = [(s, t) for s in range(k) for t in range(k) if s != t]
         cost = self.opt_images * self.steps * (self.restarts if self.formulation == "additive" else 1)
-        if self.statistic != "min-norm" or self.budget is None or len(every) * cost <= self.budget:
+        if (statistic or self.statistic) != "min-norm" or self.budget is None or len(every) * cost <= self.budget:
             return every
         m = max(3, min(k - 1, self.budget // (k * cost)))
         offsets = [1 + (i * (k - 1)) // m for i in range(m)]
@@ -179,7 +184,7 @@ class PairwiseTriggerInspector(_TriggerSearch, Inspector):
         g = torch.Generator().manual_seed(self.seed)
         xs = images_per_class(clean, self.images_per_class, g)
         k = clean.num_classes
-        pairs = self.scanned_pairs(k) if stat == "min-norm" else [(s, t) for s in range(k) for t in range(k) if s != t]
+        pairs = self.scanned_pairs(k, stat)
         src = torch.tensor([s for s, _ in pairs])
         tgt = torch.tensor([t for _, t in pairs])
         t0 = time.perf_counter()
@@ -216,7 +221,7 @@ class PairwiseTriggerInspector(_TriggerSearch, Inspector):
         k = clean.num_classes
         target_anomaly = torch.full((k,), float("nan"))
         if self.statistic == "min-norm":
-            anomaly, target_anomaly = mad_rule(norms, math.log1p(2.0 ** -self.bisection_steps))
+            anomaly, target_anomaly = mad_rule(norms, self.resolution)
         else:
             anomaly = mad_anomaly_index(norms.flatten()).view(k, k).float()
         flagged = [(int(s), int(t)) for s, t in torch.nonzero(anomaly > self.threshold).tolist()]
