@@ -98,6 +98,33 @@ def test_grid_expansion_and_stable_ids():
     assert not {c.cell_id for c in g2.cells} & {c.cell_id for c in g.cells}
 
 
+def test_a_changed_library_default_makes_new_defense_cells(monkeypatch, tmp_path):
+    """A cell's id holds every parameter its defense runs with, defaults included: a library whose
+    default changed does not reuse a result computed with the old one (the store's done cells no
+    longer match), and a default spelled out in the YAML is the same cell as one left out."""
+    from pydantic.dataclasses import dataclass as pdc
+
+    from backdoorlab.defenses import DEFENSES
+    from backdoorlab.defenses.fine_tuning import FineTuning
+    from backdoorlab.grid import load_grid
+    from backdoorlab.registry import Entry
+
+    before = {(c.attack, c.defense): c.cell_id for c in load_grid(TINY).cells}
+    text = TINY.read_text().replace("- {name: fine-tuning}", "- {name: fine-tuning, lr: 0.01}")
+    assert "lr: 0.01" in text
+    spelled = {(c.attack, c.defense): c.cell_id for c in load_grid(_write(tmp_path / "g.yaml", text)).cells}
+    assert spelled == before  # lr 0.01 is fine-tuning's default
+
+    @pdc(frozen=True)
+    class NewDefaults(FineTuning):
+        lr: float = 0.02
+
+    monkeypatch.setitem(DEFENSES._entries, "fine-tuning", Entry("fine-tuning", NewDefaults, "fine-tuning, new default"))
+    after = {(c.attack, c.defense): c.cell_id for c in load_grid(TINY).cells}
+    for key, cid in before.items():
+        assert (after[key] != cid) == (key[1] == "fine-tuning"), key  # victims and strip cells are kept
+
+
 def test_shipped_grids_validate():
     from backdoorlab.grid import load_grid
 

@@ -3,7 +3,8 @@
 A grid expands into *victims* (data x model x attack x seed; each trained once) and *cells*: the
 victim's own cell (defense ``none``: CA / ASR before any defense) plus one cell per defense run
 against it. Every cell has a deterministic id (a hash of the grid name, the victim's configuration
-and the defense's), so an interrupted ``bench`` resumes where it stopped.
+and the defense's parameters, its defaults included), so an interrupted ``bench`` resumes where it
+stopped, and a library whose defaults changed runs the affected cells again.
 
 YAML form (every list but ``attacks`` has a default)::
 
@@ -213,9 +214,19 @@ def _matches(match: dict[str, Any], labels: dict[str, Any]) -> bool:
     return all(str(labels.get(k)) == str(v) for k, v in match.items())
 
 
-def cell_id(grid: str, victim: ExperimentConfig, defense: DefenseSection | None) -> str:
-    blob = json.dumps({"grid": grid, "victim": victim.victim_key(),
-                       "defense": defense.model_dump(mode="json") if defense is not None else None}, sort_keys=True)
+def resolved_parameters(defense: Any) -> dict[str, Any]:
+    """Every parameter of a built defense (a pydantic dataclass), defaults included, as JSON values."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(type(defense)).dump_python(defense, mode="json")
+
+
+def cell_id(grid: str, victim: ExperimentConfig, defense: DefenseSection | None, resolved: dict[str, Any] | None = None) -> str:
+    """The cell's key: the grid, the victim and the defense with every parameter it runs with
+    (``resolved``, defaults included), so that a changed library default makes a new cell instead
+    of reusing a result computed with the old one; a default spelled out in the YAML is the same cell."""
+    d = None if defense is None else {"name": defense.name, **(resolved if resolved is not None else defense.extras())}
+    blob = json.dumps({"grid": grid, "victim": victim.victim_key(), "defense": d}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -287,17 +298,17 @@ def expand(spec: GridSpec, where: str = "grid") -> Grid:
                                 for k, v in o.set.items():
                                     if k.startswith("defense."):
                                         params[k.split(".", 1)[1]] = v
-                        def defense_section(params=params, f_label=f_label) -> DefenseSection:
+                        def defense_section(params=params, f_label=f_label) -> tuple[DefenseSection, dict[str, Any]]:
                             sec = DefenseSection.model_validate(params)
-                            DEFENSES.build(sec.name, sec.extras(), where=f"defense {f_label}")
-                            return sec
+                            return sec, resolved_parameters(DEFENSES.build(sec.name, sec.extras(), where=f"defense {f_label}"))
 
-                        section = _checked(errors, f"{title}/{f_label}", defense_section)
-                        if section is None:
+                        built = _checked(errors, f"{title}/{f_label}", defense_section)
+                        if built is None:
                             continue
+                        section, resolved = built
                         fam = getattr(DEFENSES.get(section.name).factory, "family", "") or "defense"
                         dcfg = cfg.model_copy(update={"defenses": [section]})
-                        defense_cells.append(Cell(cell_id(spec.name, cfg, section), spec.name, "defense", d_label, m_label,
+                        defense_cells.append(Cell(cell_id(spec.name, cfg, section, resolved), spec.name, "defense", d_label, m_label,
                                                   a_label, f_label, fam, seed, cfg.victim_key(), dcfg))
                     training = False
                     if cfg.attack is not None:
