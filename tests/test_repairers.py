@@ -209,3 +209,19 @@ def test_cli_repair_json_on_torchscript(victim_sets, tmp_path):
     assert out["method"] == "clp" and out["attack_success_rate_before"] > 0.95
     assert abs(out["clean_accuracy_before"] - out["clean_accuracy"]) < 0.05
     assert (tmp_path / "fixed.pt").is_file()
+
+
+def test_a_repair_that_collapses_the_accuracy_says_so(caplog):
+    """A repair that loses more than 10 points of held-out accuracy logs a warning (fine-tuning at lr
+    0.1 sent the WaNet MNIST victim to chance, silently); a small loss does not."""
+    import logging
+
+    from backdoorlab.defenses._pruning_ops import _summary
+
+    with caplog.at_level(logging.WARNING, logger="backdoorlab"):
+        d = _summary({"holdout_accuracy": 0.99}, {"holdout_accuracy": 0.97})
+    assert d["holdout_accuracy_before"] == 0.99 and d["holdout_accuracy"] == 0.97
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="backdoorlab"):
+        _summary({"holdout_accuracy": 0.99}, {"holdout_accuracy": 0.11})
+    assert len(caplog.records) == 1 and "88.0 points" in caplog.text and "diverged" in caplog.text

@@ -379,7 +379,17 @@ def _choose(p: _PruneParams, steps: list[tuple[float, dict, dict]], key: str = "
     return chosen
 
 
+COLLAPSE_POINTS = 0.10  # a repair that loses more held-out accuracy than this says so
+
+
 def _summary(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """The repair's figures before (``*_before``) and after; a warning when the held-out accuracy
+    fell by more than ``COLLAPSE_POINTS`` (e.g. fine-tuning at a learning rate that diverged: the
+    WaNet MNIST victim fell to chance at lr 0.1)."""
+    a, b = before.get("holdout_accuracy"), after.get("holdout_accuracy")
+    if a is not None and b is not None and a - b > COLLAPSE_POINTS:
+        log.warning("the repair lost %.1f points of held-out accuracy (%.3f -> %.3f); it may have diverged: "
+                    "try a lower learning rate or fewer epochs", 100 * (a - b), a, b)
     out: dict[str, Any] = {f"{k}_before": v for k, v in before.items()}
     out.update(after)
     return out
