@@ -330,6 +330,30 @@ def test_report_contents(tmp_path, reference):
     assert r.exit_code == 2 and "neither a grid nor a run" in r.output
 
 
+def test_report_leaves_out_cells_of_earlier_grid_versions(tmp_path, reference):
+    """A store keeps the cells of every version of a grid; the report shows the grid as last run.
+    Here the saved grid's strip now takes 6 samples (as after an edit of the YAML, or a changed
+    default): the strip cells computed with 8 are no longer the grid's and are left out."""
+    from backdoorlab.cellstore import CellStore
+    from backdoorlab.store import Store
+
+    st = tmp_path / "st"
+    shutil.copytree(reference, st)
+    cs = CellStore(Store(st))
+    spec = cs.grid_spec("tiny-mnist5k")
+    [strip] = [d for d in spec["defenses"] if d["name"] == "strip"]
+    strip["samples"] = 6
+    cs.save_grid("tiny-mnist5k", spec)
+    assert len(cs.cells("tiny-mnist5k")) == 6  # nothing deleted
+    r = invoke("report", "tiny-mnist5k", "--store", st, "--out", tmp_path / "rep", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["cells"] == 4
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "rep" / "cells.csv").open()))
+    assert {r["defense"] for r in rows} == {"none", "fine-tuning"}
+
+
 def _chromium() -> str | None:
     for c in ("/usr/bin/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or ""):
         if c and Path(c).exists():

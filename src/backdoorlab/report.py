@@ -21,6 +21,7 @@ import csv
 import html
 import io
 import json
+import logging
 import math
 import statistics
 import time
@@ -32,6 +33,8 @@ from backdoorlab import metrics as M
 from backdoorlab.errors import BackdoorLabError
 from backdoorlab.published import PUBLISHED, Published, lookup
 from backdoorlab.store import RunRecord, Store
+
+log = logging.getLogger(__name__)
 
 REPAIR_FAMILIES = ("repairer", "robust-trainer")
 DATA_DETECTORS = ("inspector", "cleanser")
@@ -67,11 +70,34 @@ def _figures(rec: RunRecord) -> list[tuple[str, Path]]:
     return [(k.split(":", 1)[1], Path(rec.run_dir) / v) for k, v in sorted(rec.artifacts.items()) if k.startswith("figure:")]
 
 
+def current_cell_ids(cs: Any, grid: str) -> set[str] | None:
+    """The cell ids of ``grid`` as last run: its saved spec, expanded by this library (None when the
+    spec is missing or no longer expands). A store keeps the cells of earlier versions of a grid (an
+    edited YAML, a defense whose default changed); a report shows the current ones only."""
+    from backdoorlab.grid import expand, parse_spec
+
+    spec = cs.grid_spec(grid)
+    if spec is None:
+        return None
+    try:
+        return {c.cell_id for c in expand(parse_spec(spec, where=f"grid {grid}")).cells}
+    except BackdoorLabError as exc:
+        log.warning("grid %s as saved no longer expands (%s); the report shows every cell the store holds for it",
+                    grid, str(exc).splitlines()[0][:200])
+        return None
+
+
 def _grid_rows(store: Store, grid: str) -> list[Row]:
     from backdoorlab.cellstore import CellStore
 
     cs = CellStore(store)
     cells = cs.cells(grid)
+    ids = current_cell_ids(cs, grid)
+    if ids is not None:
+        stale = [c for c in cells if c.cell_id not in ids]
+        if stale:
+            log.info("grid %s: %d cell(s) of earlier versions of the grid left out of the report", grid, len(stale))
+        cells = [c for c in cells if c.cell_id in ids]
     recs = cs.records(cells)
     rows = []
     for c in cells:
