@@ -178,16 +178,16 @@ def part_train(args, attack: str | None = None) -> dict:
 
         save_model(model, Path(args.save))
     if args.strip and attack:
-        out["strip"] = _strip(model, prep, cfg, args.strip_n, args.superimpose)
+        out["strip"] = _strip(model, prep, cfg, args.strip_n, args.superimpose, args.strip_samples)
         print("   strip:", json.dumps(out["strip"]))
     return out
 
 
-def _strip(model, prep, cfg, n: int | None = None, superimpose: str = "sum") -> dict:
+def _strip(model, prep, cfg, n: int | None = None, superimpose: str = "sum", samples: int = 20) -> dict:
     """STRIP (FRR preset 1% on the clean holdout) on the first ``n`` clean and triggered test images."""
     from backdoorlab.defenses import DEFENSES
 
-    det = DEFENSES.create("strip", frr=0.01, superimpose=superimpose)
+    det = DEFENSES.create("strip", frr=0.01, superimpose=superimpose, samples=samples)
     t0 = time.perf_counter()
     det.fit(model, prep.splits.holdout)
     clean = det.detect(prep.splits.test.x[:n]).flagged
@@ -212,7 +212,8 @@ def part_strip(args) -> dict:
            "tta": not args.no_tta}
     if not args.no_eval:
         out["victim"] = {k: round(float(v), 4) for k, v in evaluate_victim(model, prep).items()}
-    out["strip"] = _strip(model, prep, cfg, args.strip_n, args.superimpose)
+    out["strip_samples"] = args.strip_samples
+    out["strip"] = _strip(model, prep, cfg, args.strip_n, args.superimpose, args.strip_samples)
     print(json.dumps(out))
     return out
 
@@ -291,6 +292,7 @@ def main() -> None:
     ap.add_argument("--strip-n", type=int, default=None, help="strip: screen the first N clean and N triggered test images")
     ap.add_argument("--no-eval", action="store_true", help="strip: skip the victim's CA / ASR")
     ap.add_argument("--superimpose", choices=["sum", "add", "average"], default="sum", help="strip: STRIP's blend")
+    ap.add_argument("--strip-samples", type=int, default=20, help="strip: superimpositions per input (N)")
     ap.add_argument("--no-tta", action="store_true", help="strip: screen with the model's flip TTA off")
     ap.add_argument("--repairers", default="fine-pruning,fine-tuning,nad,anp,i-bau,clp,nc-unlearning",
                     help="repair: repairers by name, or name:key=value:... variants, comma-separated")
