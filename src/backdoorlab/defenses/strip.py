@@ -36,7 +36,7 @@ Deviations, and why:
   stable by N = 20 on MNIST and CIFAR-10, and cost grows linearly with N.
 - Entropy in bits (log2), as in the paper and the seed; only the scale differs from nats.
 - Default superimposition ``sum`` (saturated), not the paper code's unclipped ``add``: neither wins
-  everywhere (``add`` helps a weak CIFAR-10 victim against a small patch, and is worse on a blend
+  everywhere (``add`` is much better on CIFAR-10 patch victims, weak or strong, and worse on a blend
   and on MNIST), and ``sum`` is what most re-implementations do.
 
 Measurements: docs/repair-and-strip.md.
