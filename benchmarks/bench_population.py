@@ -11,7 +11,9 @@ class, the cells' setting) once per model (cached in ``--cache``), and compares 
 - ``pair-null``: the library's calibrated verdict (:mod:`backdoorlab.defenses._pair_null`, what
   ``backdoorlab calibrate`` fits): each pair's and each target's residual as a z-score against the
   same pair (target) in the calibration half's clean models, at its leave-one-out thresholds, and
-  per trigger kind and architecture.
+  per trigger kind and architecture;
+- ``--fuse neural-cleanse,bias-maps``: the pair null OR'ed with the population run's other
+  inspectors, each at a threshold fitted on the calibration half's clean models.
 
 Calibration half: seed 0's models; evaluation half: seed 1's. Every threshold is fitted on the
 calibration half only (the smallest score above every clean calibration model) and reported on the
@@ -304,6 +306,75 @@ def channel_rows(models: list[dict], other: dict[str, dict], label: str) -> list
     return rows
 
 
+def inspector_scores(grid: str, config: Path | None, names: tuple[str, ...]) -> dict[tuple, dict]:
+    """The population run's own inspector cells (``backdoorlab population``), by (data, model,
+    attack, seed, defense): their metrics (``max_anomaly``, ``target_found``)."""
+    from backdoorlab.cellstore import CellStore
+    from backdoorlab.store import Store, default_home
+
+    cs = CellStore(Store(default_home()))
+    rows = [r for r in cs.cells(grid) if r.defense in names and r.status == "done"]
+    if config is not None:
+        from backdoorlab.grid import load_grid
+
+        ids = {c.cell_id for c in load_grid(config).cells}
+        rows = [r for r in rows if r.cell_id in ids]
+    recs = cs.records(rows)
+    return {(r.data, r.model, r.attack, r.seed, r.defense): recs[r.cell_id].metrics for r in rows}
+
+
+def fusion_rows(models: list[dict], null_score, cells: dict[tuple, dict], names: tuple[str, ...]) -> list[dict]:
+    """The pair-null verdict OR'ed with other inspectors' (Neural Cleanse, bias maps): each
+    inspector's model score in units of its own threshold fitted on the calibration half's clean
+    models (leave-one-out for those: the library's tail rule, max(largest, mean + 2.33 SD)); the
+    fused score is the largest; a model is found when a flagged inspector names its target."""
+    import math
+
+    from backdoorlab.defenses._pair_null import tail_threshold
+
+    cal_clean = [m for m in models if m["seed"] == 0 and m["attack"] == "none"]
+
+    def other(name: str):
+        def raw(m: dict) -> tuple[float, bool]:
+            mt = cells.get((m["data"], m["model"], m["attack"], m["seed"], name))
+            if mt is None:
+                raise SystemExit(f"no {name} cell for {m['data']}/{m['model']}/{m['attack']}/seed{m['seed']}: run "
+                                 f"`backdoorlab population` with {name} in the YAML's defenses first")
+            return float(mt["max_anomaly"]), bool(mt.get("target_found") or 0.0)
+        vals = {m["id"]: raw(m)[0] for m in cal_clean}
+
+        def units(m: dict) -> tuple[float, bool]:
+            s, named = raw(m)
+            return s / tail_threshold([v for k, v in vals.items() if k != m["id"]], default=math.inf), named
+        return units
+
+    def pair(m: dict) -> tuple[float, bool]:
+        s, named = null_score(m)
+        return s, m["target"] in named
+
+    channels = {"pair-null": pair, **{n: other(n) for n in names}}
+
+    def fused(keys: tuple[str, ...]):
+        def fn(m: dict) -> tuple[float, set[int]]:
+            got = [channels[k](m) for k in keys]
+            named = {m["target"]} if any(u > 1.0 and hit for u, hit in got) else set()
+            return max(u for u, _ in got), named
+        return fn
+
+    rows = []
+    for keys in [(n,) for n in names] + [("pair-null", n) for n in names] + ([("pair-null", *names)] if len(names) > 1 else []):
+        fn = fused(keys)
+        r = evaluate(models, " OR ".join(keys) + " (each at its calibrated threshold)", fn, own_threshold=1.0)
+        r["calibration_auroc"] = calibration_auroc(models, fn)
+        rows.append(r)
+    print("evaluation half, per model: score / its threshold (* the inspector names the true target)")
+    for m in models:
+        if m["seed"] != 0:
+            print(f"  {m['data']:10s} {m['model']:8s} {m['attack']:12s} "
+                  + "  ".join(f"{k} {u:5.2f}{'*' if hit else ' '}" for k, (u, hit) in ((k, f(m)) for k, f in channels.items())))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", default="population-mnist")
@@ -318,6 +389,9 @@ def main() -> None:
     ap.add_argument("--with", dest="with_", action="append", default=[], metavar="KEY=VALUE",
                     help="a second scan of every model with these parameters (e.g. norm=l2), its norms combined "
                          "with the first scan's as pair-null channels")
+    ap.add_argument("--fuse", default=None, metavar="NAMES",
+                    help="inspectors of the population run to OR with the pair null, e.g. neural-cleanse,bias-maps "
+                         "(their cells from the store)")
     args = ap.parse_args()
     from backdoorlab.runtime import tune_allocator
 
@@ -364,6 +438,12 @@ def main() -> None:
                                                      args.config)}
         print(f"\nsecond scan ({', '.join(args.with_)}) as a channel (calibration_auroc: the calibration half's)")
         more = channel_rows(learned, other, ", ".join(args.with_))
+        show(more)
+        rows += more
+    if args.fuse:
+        names = tuple(args.fuse.split(","))
+        print(f"\nfused with {', '.join(names)} (calibration_auroc: the calibration half's)")
+        more = fusion_rows(learned, lib, inspector_scores(args.grid, args.config, names), names)
         show(more)
         rows += more
     if args.json:
