@@ -190,6 +190,22 @@ def test_clean_model_loses_little_accuracy(victim_sets):
 
 
 @pytest.mark.slow
+def test_anp_prunes_only_what_the_held_out_accuracy_allows(victim_sets):
+    """90% of the neurons selected: without the guard the model collapses; with it, ANP prunes the
+    smallest masks only as far as the held-out accuracy stays within the tolerance."""
+    from backdoorlab.train import evaluate
+
+    v, clean, _ = victim_sets
+    base = evaluate(v.model, clean)
+    free = DEFENSES.create("anp", iterations=3, fraction=0.9, tolerance=None).repair(v.model, clean)
+    guarded = DEFENSES.create("anp", iterations=3, fraction=0.9, tolerance=0.02).repair(v.model, clean)
+    assert base - evaluate(free.model, clean) > 0.3  # pruning 90% of the neurons breaks the model
+    assert free.details["pruned"] == free.details["selected"]
+    assert base - evaluate(guarded.model, clean) <= 0.02 + 1e-9
+    assert 0 < guarded.details["pruned"] < guarded.details["selected"] == free.details["selected"]
+
+
+@pytest.mark.slow
 def test_cli_repair_json_on_torchscript(victim_sets, tmp_path):
     import numpy as np
     from typer.testing import CliRunner
