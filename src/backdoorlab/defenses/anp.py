@@ -186,14 +186,8 @@ class ANP(_CurveHooks, Repairer):
                     m.clamp_(0, 1)
             done += 1
         flat = torch.cat([m.detach() for m in masks])
-        if self.fraction is not None:
-            k = int(round(self.fraction * flat.numel()))
-            cut = torch.zeros_like(flat, dtype=torch.bool)
-            cut[torch.argsort(flat, stable=True)[:k]] = True
-        else:
-            cut = flat < self.threshold
-        selected = int(cut.sum())
-        order = torch.argsort(flat, stable=True)
+        order = torch.argsort(flat, stable=True)  # smallest masks first
+        selected = int(round(self.fraction * flat.numel())) if self.fraction is not None else int((flat < self.threshold).sum())
 
         def prune(k: int) -> dict[str, int]:
             """The model with the k smallest-mask neurons pruned (from the unpruned weights)."""
@@ -238,7 +232,6 @@ class ANP(_CurveHooks, Repairer):
         pruned = prune(k)
         for p in net.parameters():
             p.requires_grad_(True)
-        n = k
-        return two_row_result("anp", net, before, ev(net), pruned_fraction=n / flat.numel(), pruned=n, selected=selected,
+        return two_row_result("anp", net, before, ev(net), pruned_fraction=k / flat.numel(), pruned=k, selected=selected,
                               pruned_by_layer=pruned, neurons=int(flat.numel()), layer=",".join(ly.name for ly in layers),
                               mask_values=flat.tolist())
