@@ -14,6 +14,9 @@ class, the cells' setting) once per model (cached in ``--cache``), and compares 
   per trigger kind and architecture;
 - ``--fuse neural-cleanse,bias-maps``: the pair null OR'ed with the population run's other
   inspectors, each at a threshold fitted on the calibration half's clean models.
+- ``--nc IMAGES``: instead of the pairwise scan, Neural Cleanse once per model (its per-target mask
+  norms, cached) and its model scores: the paper's MAD rule, the MAD of log norms, a per-target null
+  (:func:`nc_rows`).
 
 Calibration half: seed 0's models; evaluation half: seed 1's. Every threshold is fitted on the
 calibration half only (the smallest score above every clean calibration model) and reported on the
@@ -36,31 +39,35 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def scan_population(grid: str, cache: Path, params: dict | None = None, limit: int | None = None,
-                    config: Path | None = None) -> list[dict]:
+def _population_rows(grid: str, config: Path | None, limit: int | None = None, defenses: tuple[str, ...] = ("none",)):
+    """The population's finished cells of ``defenses`` (``none``: the trained models), only the
+    YAML's current ones with ``config``, and their records."""
     from backdoorlab.cellstore import CellStore
-    from backdoorlab.config import ExperimentConfig
-    from backdoorlab.defenses.common import images_per_class
-    from backdoorlab.defenses.pairwise import PairwiseTriggerInspector
-    from backdoorlab.experiment import prepare
-    from backdoorlab.models import load_model
     from backdoorlab.store import Store, default_home
 
-    cache.mkdir(parents=True, exist_ok=True)
-    store = Store(default_home())
-    cs = CellStore(store)
-    rows = [r for r in cs.cells(grid) if r.defense == "none" and r.status == "done"]
+    cs = CellStore(Store(default_home()))
+    rows = [r for r in cs.cells(grid) if r.defense in defenses and r.status == "done"]
     if config is not None:  # only the cells of the grid as it is now (a store keeps cells of earlier versions)
         from backdoorlab.grid import load_grid
 
         ids = {c.cell_id for c in load_grid(config).cells}
         rows = [r for r in rows if r.cell_id in ids]
     rows = rows[:limit]
-    recs = cs.records(rows)
+    return rows, cs.records(rows)
+
+
+def _scan_each(grid: str, cache: Path, tag: str, scan, limit: int | None, config: Path | None) -> list[dict]:
+    """``scan(model, holdout) -> dict of tensors`` once per population model, cached in ``cache``
+    under the cell id and ``tag``; the models with their truth and the scan's tensors."""
+    from backdoorlab.config import ExperimentConfig
+    from backdoorlab.experiment import prepare
+    from backdoorlab.models import load_model
+
+    cache.mkdir(parents=True, exist_ok=True)
+    rows, recs = _population_rows(grid, config, limit)
     out = []
     for i, r in enumerate(rows):
         rec = recs[r.cell_id]
-        tag = "".join(f"-{k}={v}" for k, v in sorted((params or {}).items()))
         f = cache / f"{r.cell_id[:16]}{tag}.pt"
         if not f.is_file():
             cfg = ExperimentConfig.model_validate(rec.config)
@@ -68,20 +75,40 @@ def scan_population(grid: str, cache: Path, params: dict | None = None, limit: i
             model = load_model(Path(rec.run_dir) / "weights.safetensors", num_classes=prep.train_set.num_classes,
                                input_shape=prep.train_set.shape)
             t0 = time.perf_counter()
-            insp = PairwiseTriggerInspector(images_per_class=50, **(params or {}))
-            est = insp.estimate(model, prep.splits.holdout)
-            xs = images_per_class(prep.splits.holdout, insp.images_per_class, torch.Generator().manual_seed(insp.seed))
-            torch.save({"norms": est["norms"], "reached": est["reached"], "patterns": est["patterns"].half(),
-                        "images": xs.mul(255).round().to(torch.uint8)}, f)
+            got = scan(model, prep.splits.holdout)
+            tmp = f.with_suffix(".tmp")
+            torch.save(got, tmp)
+            tmp.replace(f)
             print(f"[{i + 1}/{len(rows)}] {r.data}/{r.model}/{r.attack}/seed{r.seed}: {time.perf_counter() - t0:.1f} s",
                   flush=True)
         d = torch.load(f)
         a = rec.config.get("attack") or {}
-        out.append({"data": r.data, "model": r.model, "attack": r.attack, "seed": r.seed, "norms": d["norms"],
-                    "reached": d["reached"], "patterns": d.get("patterns"), "images": d.get("images"),
-                    "weights": Path(rec.run_dir) / "weights.safetensors", "id": r.cell_id, "target": a.get("target"), "source": a.get("source"),
-                    "mode": a.get("mode"), "asr": rec.metrics.get("attack_success_rate"),
-                    "precision": PairwiseTriggerInspector(**(params or {})).resolution})
+        out.append({"data": r.data, "model": r.model, "attack": r.attack, "seed": r.seed, **d,
+                    "weights": Path(rec.run_dir) / "weights.safetensors", "id": r.cell_id, "target": a.get("target"),
+                    "source": a.get("source"), "mode": a.get("mode"), "asr": rec.metrics.get("attack_success_rate")})
+    return out
+
+
+def scan_population(grid: str, cache: Path, params: dict | None = None, limit: int | None = None,
+                    config: Path | None = None) -> list[dict]:
+    """The pairwise scan (50 clean held-out images per class, the cells' setting) of every model."""
+    from backdoorlab.defenses.common import images_per_class
+    from backdoorlab.defenses.pairwise import PairwiseTriggerInspector
+
+    insp = PairwiseTriggerInspector(images_per_class=50, **(params or {}))
+
+    def scan(model, holdout) -> dict:
+        est = insp.estimate(model, holdout)
+        xs = images_per_class(holdout, insp.images_per_class, torch.Generator().manual_seed(insp.seed))
+        return {"norms": est["norms"], "reached": est["reached"], "patterns": est["patterns"].half(),
+                "images": xs.mul(255).round().to(torch.uint8)}
+
+    tag = "".join(f"-{k}={v}" for k, v in sorted((params or {}).items()))
+    out = _scan_each(grid, cache, tag, scan, limit, config)
+    for m in out:
+        m.setdefault("patterns", None)
+        m.setdefault("images", None)
+        m["precision"] = insp.resolution
     return out
 
 
@@ -309,17 +336,7 @@ def channel_rows(models: list[dict], other: dict[str, dict], label: str) -> list
 def inspector_scores(grid: str, config: Path | None, names: tuple[str, ...]) -> dict[tuple, dict]:
     """The population run's own inspector cells (``backdoorlab population``), by (data, model,
     attack, seed, defense): their metrics (``max_anomaly``, ``target_found``)."""
-    from backdoorlab.cellstore import CellStore
-    from backdoorlab.store import Store, default_home
-
-    cs = CellStore(Store(default_home()))
-    rows = [r for r in cs.cells(grid) if r.defense in names and r.status == "done"]
-    if config is not None:
-        from backdoorlab.grid import load_grid
-
-        ids = {c.cell_id for c in load_grid(config).cells}
-        rows = [r for r in rows if r.cell_id in ids]
-    recs = cs.records(rows)
+    rows, recs = _population_rows(grid, config, defenses=names)
     return {(r.data, r.model, r.attack, r.seed, r.defense): recs[r.cell_id].metrics for r in rows}
 
 
@@ -375,6 +392,106 @@ def fusion_rows(models: list[dict], null_score, cells: dict[tuple, dict], names:
     return rows
 
 
+def nc_scan(grid: str, cache: Path, limit: int | None, config: Path | None, images: int) -> list[dict]:
+    """Neural Cleanse (``images`` clean images per class, its other defaults: the population cells'
+    setting) once per model: the per-target mask L1 norms and whether each reached the paper's 99%."""
+    from backdoorlab.defenses.neural_cleanse import NeuralCleanse
+
+    insp = NeuralCleanse(images_per_class=images)
+
+    def scan(model, holdout) -> dict:
+        res = insp.inspect(model, holdout)
+        return {"nc_norms": res.scores.double(), "nc_reached": res.details["reached"].bool()}
+
+    return _scan_each(grid, cache, f"-nc{images}", scan, limit, config)
+
+
+def nc_rows(models: list[dict]) -> list[dict]:
+    """Neural Cleanse's per-target mask norms as model scores (issue 22 item 4): the paper's MAD
+    index of the L1 norms (threshold 2, and fitted on the calibration half), the same index of the
+    log norms (a trigger's norm is a scale: one planted target among natural ones spans a factor of
+    3-15 on CIFAR-10), and a target null: each target's log norm minus the model's median log norm,
+    as a z-score against the same target in the calibration half's clean models (leave-one-out for
+    those), scored in units of its tail threshold. Unreached targets cannot be flagged."""
+    import math
+
+    from backdoorlab.defenses._pair_null import fit_targets, target_residuals, tail_threshold
+    from backdoorlab.defenses.base import mad_anomaly_index
+
+    def mad(log: bool):
+        def fn(m: dict) -> tuple[float, set[int]]:
+            v = m["nc_norms"].log() if log else m["nc_norms"]
+            a = -mad_anomaly_index(v)
+            a[~m["nc_reached"]] = float("nan")
+            a = torch.nan_to_num(a, nan=-1e9)
+            return float(a.max()), {int(t) for t in torch.nonzero(a > 2.0).flatten().tolist()}
+        return fn
+
+    def resid(m: dict) -> torch.Tensor:
+        return target_residuals(m["nc_norms"])
+
+    cal_clean = [m for m in models if m["seed"] == 0 and m["attack"] == "none"]
+
+    def target_null(sd_rule: str):
+        """Variants of the target null measured beside the library's (``fit_targets``)."""
+        def z(m: dict) -> torch.Tensor:
+            ref = torch.stack([resid(c) for c in cal_clean if c is not m])
+            mu = ref.mean(0)
+            sd = (ref - mu).pow(2).mean().sqrt().expand_as(mu) if sd_rule == "pooled" else ref.std(0)
+            out = (mu - resid(m)) / sd.clamp_min(0.05)
+            out[~m["nc_reached"]] = float("nan")
+            return torch.nan_to_num(out, nan=-1e9)
+        thr = tail_threshold([float(z(c).max()) for c in cal_clean], default=math.inf)
+
+        def fn(m: dict) -> tuple[float, set[int]]:
+            zz = z(m)
+            return float(zz.max()) / thr, {int(t) for t in torch.nonzero(zz > thr).flatten().tolist()}
+        return fn
+
+    shape = _shape(models)
+    full = fit_targets([c["nc_norms"] for c in cal_clean], [c["nc_reached"] for c in cal_clean], shape)
+
+    def library(m: dict) -> tuple[float, set[int]]:
+        """The library's TargetNull (what `backdoorlab calibrate --inspector neural-cleanse` fits) of the
+        calibration half's clean models; leave-one-out for those models themselves."""
+        null = full if all(c is not m for c in cal_clean) else fit_targets(
+            [c["nc_norms"] for c in cal_clean if c is not m], [c["nc_reached"] for c in cal_clean if c is not m], shape)
+        z = null.zscores(m["nc_norms"], m["nc_reached"])
+        return null.score(m["nc_norms"], m["nc_reached"]), {int(t) for t in torch.nonzero(z > null.threshold).flatten().tolist()}
+
+    rows = []
+    tn = library
+    for name, fn, own in [("NC: MAD of L1 norms (the paper's, threshold 2)", mad(False), 2.0),
+                          ("NC: MAD of L1 norms, threshold fitted on the calibration half", mad(False), None),
+                          ("NC: MAD of log norms (threshold 2)", mad(True), 2.0),
+                          ("NC: MAD of log norms, threshold fitted on the calibration half", mad(True), None),
+                          ("NC: target null, per-target SD (leave-one-out tail threshold)", target_null("per-target"), 1.0),
+                          ("NC: target null, pooled SD (leave-one-out tail threshold)", target_null("pooled"), 1.0),
+                          ("NC: target null, per-target SD floored at their median (the library's TargetNull)", tn, 1.0)]:
+        r = evaluate(models, name, fn, own_threshold=own)
+        r["calibration_auroc"] = calibration_auroc(models, fn)
+        rows.append(r)
+    if "norms" in models[0]:  # the pairwise scans too: the pair null OR the target null
+        lib = zscore_rule(models, channel_zscores(models, lambda m: m["norms"]))
+
+        def either(m: dict) -> tuple[float, set[int]]:
+            (a, na), (b, nb) = lib(m), tn(m)
+            return max(a, b), (na if a > 1.0 else set()) | (nb if b > 1.0 else set())
+        for name, fn in [("pair null (library)", lib), ("pair null OR NC target null (floored SD)", either)]:
+            r = evaluate(models, name, fn, own_threshold=1.0)
+            r["calibration_auroc"] = calibration_auroc(models, fn)
+            rows.append(r)
+    return rows
+
+
+def learned_only(models: list[dict]) -> list[dict]:
+    """The clean models and the backdoored ones whose attack took (ASR >= 0.5)."""
+    learned = [m for m in models if m["attack"] == "none" or (m["asr"] or 0) >= 0.5]
+    print(f"{len(models)} models ({sum(m['attack'] == 'none' for m in models)} clean); "
+          f"{len(models) - len(learned)} backdoored ones with ASR < 0.5 left out")
+    return learned
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", default="population-mnist")
@@ -392,6 +509,9 @@ def main() -> None:
     ap.add_argument("--fuse", default=None, metavar="NAMES",
                     help="inspectors of the population run to OR with the pair null, e.g. neural-cleanse,bias-maps "
                          "(their cells from the store)")
+    ap.add_argument("--nc", type=int, default=None, metavar="IMAGES",
+                    help="instead: Neural Cleanse's statistics over the population (this many clean images per class, "
+                         "the population cells' setting; scans cached in --cache)")
     args = ap.parse_args()
     from backdoorlab.runtime import tune_allocator
 
@@ -400,10 +520,18 @@ def main() -> None:
         return {k: (int(v) if v.isdigit() else v) for k, v in (p.split("=", 1) for p in items)}
 
     params = parse(args.set)
+    if args.nc:
+        models = nc_scan(args.grid, args.cache, args.limit, args.config, args.nc)
+        pairwise = {m["id"]: m for m in scan_population(args.grid, args.cache, params, args.limit, args.config)}
+        for m in models:
+            m.update({k: v for k, v in pairwise[m["id"]].items() if k not in m})
+        rows = nc_rows(learned_only(models))
+        show(rows)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return
     models = scan_population(args.grid, args.cache, params, args.limit, args.config)
-    learned = [m for m in models if m["attack"] == "none" or (m["asr"] or 0) >= 0.5]  # attacks that took
-    print(f"{len(models)} models ({sum(m['attack'] == 'none' for m in models)} clean); "
-          f"{len(models) - len(learned)} backdoored ones with ASR < 0.5 left out")
+    learned = learned_only(models)
     if args.transfer:
         add_transfer(learned, args.cache)
     from backdoorlab.defenses._pair_null import fit

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from backdoorlab.cli import app
-from backdoorlab.defenses._pair_null import PairNull, fit, residuals
+from backdoorlab.defenses._pair_null import PairNull, TargetNull, fit, fit_targets, residuals
 from backdoorlab.errors import BackdoorLabError
 from test_inspect_cleanse import K, QuadrantNet, quadrant_data
 
@@ -17,8 +17,8 @@ from test_inspect_cleanse import K, QuadrantNet, quadrant_data
 class Variant(QuadrantNet):
     """A QuadrantNet with per-class gains (clean models differ), backdoored or not."""
 
-    def __init__(self, seed: int, backdoor: bool = False):
-        super().__init__(backdoor=backdoor)
+    def __init__(self, seed: int, backdoor: bool = False, all_to_one: bool = False):
+        super().__init__(backdoor=backdoor, all_to_one=all_to_one)
         g = torch.Generator().manual_seed(seed)
         self.gain = 1.0 + 0.15 * torch.rand(K, generator=g)
 
@@ -122,3 +122,63 @@ def test_calibrate_then_audit_cli(model_files):
     assert r.exit_code == 2 and "budget 130000 (here None)" in r.output and not (model_files / "a5").exists()
     r = runner.invoke(app, ["calibrate", "--model", "clean0.pt", *common, "--out", "x.safetensors"])
     assert r.exit_code == 2 and "at least 3 clean models" in r.output and not (model_files / "x.safetensors").exists()
+
+
+def _target_norms(seed: int, planted: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic Neural Cleanse mask norms of 10 targets: target 1 is naturally small in every model
+    (a simple class), and each model has its own scale."""
+    g = torch.Generator().manual_seed(seed)
+    v = (20 + 20 * torch.rand(1, generator=g)) * torch.exp(0.2 * torch.randn(10, generator=g))
+    v[1] /= 4.0
+    if planted is not None:
+        v[planted] /= 8.0
+    return v, torch.ones(10, dtype=torch.bool)
+
+
+def test_target_null_ignores_a_naturally_small_target_and_finds_a_planted_one(tmp_path):
+    from backdoorlab.defenses.base import mad_anomaly_index
+
+    clean = [_target_norms(s) for s in range(12)]
+    null = fit_targets([v for v, _ in clean], [r for _, r in clean], (1, 28, 28), source="test")
+    assert null.n_models == 12 and null.num_classes == 10 and null.threshold > 0
+    v, r = _target_norms(100)
+    assert float(-mad_anomaly_index(v)[1]) > 2.5  # Neural Cleanse's own rule flags the simple class
+    assert null.score(v, r) < 0.8  # the null does not
+    v, r = _target_norms(101, planted=6)
+    z = null.zscores(v, r)
+    assert null.score(v, r) > 2.0 and int(z.argmax()) == 6
+    r[6] = False  # a target whose search did not reach the attack success rate does not count
+    assert null.score(v, r) < 1.0
+    # the file round trip, and a calibration of the other inspector refused by name
+    back = TargetNull.load(null.save(tmp_path / "nc.safetensors"))
+    assert torch.equal(back.mean, null.mean) and back.threshold == null.threshold and back.source == "test"
+    with pytest.raises(BackdoorLabError, match="calibrates neural-cleanse, not pairwise"):
+        PairNull.load(tmp_path / "nc.safetensors")
+    pn = fit([n for n, _ in (_lookalike_norms(s) for s in range(4))], [torch.ones(10, 10, dtype=torch.bool)] * 4, (1, 28, 28))
+    with pytest.raises(BackdoorLabError, match="calibrates pairwise, not neural-cleanse"):
+        TargetNull.load(pn.save(tmp_path / "pair.safetensors"))
+    with pytest.raises(BackdoorLabError, match="at least 3 clean models"):
+        fit_targets([v, v], [r, r], (1, 28, 28))
+
+
+def test_calibrate_neural_cleanse_cli_then_its_calibrated_verdict(model_files):
+    from backdoorlab.defenses.neural_cleanse import NeuralCleanse
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["calibrate", "--inspector", "neural-cleanse", *[a for i in range(4) for a in ("--model", f"clean{i}.pt")],
+                            "--data", "clean.npz", "--out", "nc.safetensors", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["inspector"] == "neural-cleanse" and d["models"] == 4 and d["pair_threshold"] is None
+    c = quadrant_data(30, 0)
+    insp = NeuralCleanse(calibration=str(model_files / "nc.safetensors"))
+    bad = insp.inspect(Variant(10, backdoor=True, all_to_one=True), c)  # a bright pixel sends every image to 2
+    assert bad.backdoored and bad.flagged_targets == [2] and bad.max_anomaly > 4.0 and bad.threshold == 1.0
+    assert "calibrated on 4 clean models" in bad.threshold_source
+    ok = insp.inspect(Variant(11), c)
+    assert not ok.backdoored and ok.max_anomaly < 0.7
+    with pytest.raises(BackdoorLabError, match="images_per_class 10 \\(here 20\\)"):
+        NeuralCleanse(calibration=str(model_files / "nc.safetensors"), images_per_class=20).inspect(Variant(11), c)
+    r = runner.invoke(app, ["calibrate", "--inspector", "bias-maps", *[a for i in range(4) for a in ("--model", f"clean{i}.pt")],
+                            "--data", "clean.npz", "--out", "x.safetensors"])
+    assert r.exit_code == 2 and "--inspector neural-cleanse" in r.output and not (model_files / "x.safetensors").exists()

@@ -250,38 +250,55 @@ class CalibrationReport(Report):
     seconds: float
 
     def _dict(self) -> dict[str, Any]:
-        return {"calibration": str(self.path), "models": self.null.n_models, "num_classes": self.null.num_classes,
-                "input_shape": list(self.null.input_shape), "pair_threshold": self.null.threshold,
+        return {"calibration": str(self.path), "inspector": self.null.FOR, "models": self.null.n_models,
+                "num_classes": self.null.num_classes, "input_shape": list(self.null.input_shape),
+                "pair_threshold": self.null.threshold if self.null.FOR == "pairwise" else None,
                 "target_threshold": self.null.target_threshold, "threshold_source": self.null.describe(),
                 "per_model": self.per_model, "seconds": round(self.seconds, 3)}
 
 
-def calibrate(models: list[ModelLike], clean: DataLike, out: Any, *, pi: float = 0.9, images_per_class: int = 100,
-              seed: int = 0, arch: str | None = None, every_pair: bool = False) -> CalibrationReport:
-    """Fit the pairwise scan's null on clean ``models`` (3 or more, all of the same data as
-    ``clean``) and write it to ``out`` (safetensors). Each model is scanned as :func:`audit` scans a
-    suspect (same ``pi``, ``images_per_class``, ``seed``): use the same settings when auditing."""
+def calibrate(models: list[ModelLike], clean: DataLike, out: Any, *, pi: float = 0.9, images_per_class: int | None = None,
+              seed: int = 0, arch: str | None = None, every_pair: bool = False,
+              inspector: str = "pairwise") -> CalibrationReport:
+    """Fit an inspector's null on clean ``models`` (3 or more, all of the same data as ``clean``)
+    and write it to ``out`` (safetensors). ``inspector``: ``pairwise`` (the pairwise scan, for
+    :func:`audit`'s ``calibration``) or ``neural-cleanse`` (its mask norms, for its ``calibration``
+    setting). Each model is scanned as the suspect will be (same ``pi``, ``images_per_class``,
+    ``seed``; ``images_per_class`` None: the inspector's default): use the same settings then."""
     from pathlib import Path
 
-    from backdoorlab.defenses._pair_null import fit
+    from backdoorlab.defenses._pair_null import fit, fit_targets
 
     t0 = time.perf_counter()
     models = list(models)
+    if inspector not in ("pairwise", "neural-cleanse"):
+        raise BackdoorLabError(f"calibrate fits the pairwise or the neural-cleanse inspector, not {inspector!r}; "
+                               "give --inspector pairwise or --inspector neural-cleanse")
     if len(models) < 3:
         raise BackdoorLabError(f"calibration needs at least 3 clean models (got {len(models)}); give more --model")
-    insp = make_defense("pairwise", {"pi": pi, "images_per_class": images_per_class, "seed": seed,
-                                     **({"budget": None} if every_pair else {})}, family="inspector", where="calibrate")
+    ipc = {} if images_per_class is None else {"images_per_class": images_per_class}
+    if inspector == "pairwise":
+        params = {"pi": pi, **ipc, "seed": seed, **({"budget": None} if every_pair else {})}
+    else:
+        params = {**ipc, "seed": seed}
+    insp = make_defense(inspector, params, family="inspector", where="calibrate")
     clean_set = load_data(clean, split="auto")
     nets = [load_model(m, data=clean_set, arch=arch) for m in models]  # every model checked before the first scan
     norms, reached, per_model = [], [], []
     for m, net in zip(models, nets):
-        est = insp.estimate(net, clean_set)
+        t1 = time.perf_counter()
+        if inspector == "pairwise":
+            est = insp.estimate(net, clean_set)
+        else:
+            res = insp.inspect(net, clean_set)
+            est = {"norms": res.scores, "reached": res.details["reached"]}
         norms.append(est["norms"])
         reached.append(est["reached"])
         per_model.append({"model": str(m) if not hasattr(m, "forward") else type(m).__name__,
-                          "seconds": round(float(est["seconds"]), 3)})
-    null = fit(norms, reached, clean_set.shape, source=f"{len(models)} models on {clean_set.num_classes} classes",
-               scan=insp.scan_settings())
+                          "seconds": round(time.perf_counter() - t1, 3)})
+    source = f"{len(models)} models on {clean_set.num_classes} classes"
+    null = (fit if inspector == "pairwise" else fit_targets)(norms, reached, clean_set.shape, source=source,
+                                                             scan=insp.scan_settings())
     path = null.save(Path(out))
     return CalibrationReport(null, path, per_model, time.perf_counter() - t0)
 

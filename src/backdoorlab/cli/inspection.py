@@ -71,19 +71,23 @@ def calibrate(
     out_file: Path = typer.Option(..., "--out", help="the calibration file to write (.safetensors)"),
     arch: Optional[str] = typer.Option(None, "--arch", help="architecture for plain safetensors weights"),
     pi: float = typer.Option(0.9, "--pi", help="as for `audit` (use the same value when auditing)"),
-    images_per_class: int = typer.Option(100, "--images-per-class", help="as for `audit`"),
+    images_per_class: Optional[int] = typer.Option(None, "--images-per-class", help="as for `audit` (default: the "
+                                                   "inspector's, 100 for pairwise, 10 for neural-cleanse)"),
     every_pair: bool = typer.Option(False, "--every-pair", help="as for `audit`"),
+    inspector: str = typer.Option("pairwise", "--inspector", help="pairwise (for `audit --calibration`) or "
+                                  "neural-cleanse (its `calibration` setting in YAML and the Python API)"),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = JsonOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Fit the pairwise audit's null on clean models of your data: per pair, how small its trigger is
-    in clean models, and thresholds from those models (leave-one-out). Then `audit --calibration FILE`."""
+    in clean models, and thresholds from those models (leave-one-out). Then `audit --calibration FILE`.
+    With --inspector neural-cleanse: per target, how small Neural Cleanse's mask is in clean models."""
     from backdoorlab import api
 
     setup_logging(verbose)
     res = api.calibrate(model, data, out_file, arch=arch, pi=pi, images_per_class=images_per_class, seed=seed,
-                        every_pair=every_pair)
+                        every_pair=every_pair, inspector=inspector)
     if as_json:
         print_json(res.to_dict())
         return

@@ -17,6 +17,10 @@ of the others, so its own numbers do not shrink its z): the larger of their larg
 Gaussian 1% tail of those maxima (mean + 2.33 SD). The null and its thresholds are saved with the
 class count and input shape they hold for; a suspect of another shape is refused.
 
+:class:`TargetNull` is the same idea for one value per target (Neural Cleanse's mask norms): each
+target's log value minus the model's median log value, as a z-score against the same target in
+clean models (SDs floored at their median), with the same leave-one-out tail threshold.
+
 Tried on the MNIST population and not kept (docs/populations.md): a null of each pattern's transfer
 to clean reference models, and of its locality (L1 share in the best 5x5 window), alone, summed with
 the norm's z, or gating it; each lowered the evaluation half's AUROC (0.933 -> 0.64-0.90).
@@ -56,9 +60,91 @@ def _mean_sd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mu, sd.clamp_min(float(floor))
 
 
+class _NullFile:
+    """What both nulls share: the task they hold for, the scan settings, and their files
+    (safetensors: tensors + JSON metadata; nothing is unpickled)."""
+
+    KIND = ""
+    FOR = ""  # which inspector takes this calibration
+    n_models: int
+    input_shape: tuple[int, ...]
+    source: str
+    scan: dict
+
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    def check(self, num_classes: int, input_shape: Sequence[int], scan: dict | None = None) -> None:
+        """Refuse a suspect of another task, or scanned with other settings than the clean models."""
+        diff = {k: (v, scan.get(k)) for k, v in self.scan.items() if scan.get(k) != v} if scan is not None else {}
+        if diff:
+            said = ", ".join(f"{k} {a} (here {b})" for k, (a, b) in sorted(diff.items()))
+            raise BackdoorLabError(f"the calibration was fitted with {said}; scan the suspect with the same settings "
+                                   "(e.g. --images-per-class, --pi) or calibrate again")
+        if num_classes != self.num_classes or tuple(input_shape) != tuple(self.input_shape):
+            raise BackdoorLabError(
+                f"the calibration holds for {self.num_classes} classes of shape {tuple(self.input_shape)}, the suspect "
+                f"has {num_classes} classes of shape {tuple(input_shape)}; calibrate on clean models of the suspect's "
+                "data (`backdoorlab calibrate`)")
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _meta(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save as st_save
+
+        from backdoorlab.atomic import atomic_write_bytes
+
+        meta = {"kind": self.KIND, "n_models": str(self.n_models), "input_shape": json.dumps(list(self.input_shape)),
+                "source": self.source, "scan": json.dumps(self.scan), **self._meta()}
+        blob = st_save({k: v.contiguous() for k, v in self._tensors().items()}, metadata=meta)
+        atomic_write_bytes(Path(path), blob)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        from safetensors import safe_open
+
+        p = Path(path)
+        if not p.is_file():
+            raise BackdoorLabError(f"calibration file {p} does not exist; write one with `backdoorlab calibrate`")
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+                t = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # a truncated or foreign file
+            raise BackdoorLabError(f"{p} is not a backdoorlab calibration file ({type(e).__name__}); "
+                                   "write one with `backdoorlab calibrate`") from None
+        kind = meta.get("kind")
+        if kind != cls.KIND:
+            other = next((c for c in _NullFile.__subclasses__() if c.KIND == kind), None)
+            if other is None:
+                raise BackdoorLabError(f"{p} is not a backdoorlab calibration file (kind {kind!r}); "
+                                       "write one with `backdoorlab calibrate`")
+            raise BackdoorLabError(f"{p} calibrates {other.FOR}, not {cls.FOR}; give it to {other.FOR}, or calibrate "
+                                   f"{cls.FOR} (`backdoorlab calibrate --inspector {cls.FOR}`)")
+        try:
+            return cls._build(t, meta, (int(meta["n_models"]), tuple(json.loads(meta["input_shape"])),
+                                        meta.get("source", ""), json.loads(meta.get("scan", "{}"))))
+        except Exception as e:
+            raise BackdoorLabError(f"{p} is not a backdoorlab calibration file ({type(e).__name__}); "
+                                   "write one with `backdoorlab calibrate`") from None
+
+    @classmethod
+    def _build(cls, t: dict, meta: dict, common: tuple):
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class PairNull:
+class PairNull(_NullFile):
     """Per-pair and per-target statistics of N clean models, with their calibrated thresholds."""
+
+    KIND = "backdoorlab-pair-null"
+    FOR = "pairwise"
 
     pair_mean: torch.Tensor  # (K, K)
     pair_sd: torch.Tensor
@@ -90,54 +176,74 @@ class PairNull:
         pz, cz = self.zscores(norms, reached)
         return _combined(pz, cz, self.threshold, self.target_threshold)
 
-    def check(self, num_classes: int, input_shape: Sequence[int], scan: dict | None = None) -> None:
-        """Refuse a suspect of another task, or scanned with other settings than the clean models."""
-        diff = {k: (v, scan.get(k)) for k, v in self.scan.items() if scan.get(k) != v} if scan is not None else {}
-        if diff:
-            said = ", ".join(f"{k} {a} (here {b})" for k, (a, b) in sorted(diff.items()))
-            raise BackdoorLabError(f"the calibration was fitted with {said}; scan the suspect with the same settings "
-                                   "(e.g. --images-per-class, --pi) or calibrate again")
-        if num_classes != self.num_classes or tuple(input_shape) != tuple(self.input_shape):
-            raise BackdoorLabError(
-                f"the calibration holds for {self.num_classes} classes of shape {tuple(self.input_shape)}, the suspect "
-                f"has {num_classes} classes of shape {tuple(input_shape)}; calibrate on clean models of the suspect's "
-                "data (`backdoorlab calibrate`)")
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {"pair_mean": self.pair_mean, "pair_sd": self.pair_sd, "col_mean": self.col_mean, "col_sd": self.col_sd}
 
-    # ---- files (safetensors: tensors + JSON metadata; nothing is unpickled)
-    def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save as st_save
-
-        from backdoorlab.atomic import atomic_write_bytes
-
-        meta = {"kind": "backdoorlab-pair-null", "threshold": repr(self.threshold),
-                "target_threshold": repr(self.target_threshold), "n_models": str(self.n_models),
-                "input_shape": json.dumps(list(self.input_shape)), "source": self.source, "scan": json.dumps(self.scan)}
-        blob = st_save({"pair_mean": self.pair_mean.contiguous(), "pair_sd": self.pair_sd.contiguous(),
-                        "col_mean": self.col_mean.contiguous(), "col_sd": self.col_sd.contiguous()}, metadata=meta)
-        atomic_write_bytes(Path(path), blob)
-        return Path(path)
+    def _meta(self) -> dict[str, str]:
+        return {"threshold": repr(self.threshold), "target_threshold": repr(self.target_threshold)}
 
     @classmethod
-    def load(cls, path: str | Path) -> "PairNull":
-        from safetensors import safe_open
+    def _build(cls, t: dict, meta: dict, common: tuple) -> "PairNull":
+        return cls(t["pair_mean"], t["pair_sd"], t["col_mean"], t["col_sd"], float(meta["threshold"]),
+                   float(meta["target_threshold"]), *common)
 
-        p = Path(path)
-        if not p.is_file():
-            raise BackdoorLabError(f"calibration file {p} does not exist; write one with `backdoorlab calibrate`")
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                meta = f.metadata() or {}
-                t = {k: f.get_tensor(k) for k in f.keys()}
-            if meta.get("kind") != "backdoorlab-pair-null":
-                raise ValueError("not a calibration file")
-            return cls(t["pair_mean"], t["pair_sd"], t["col_mean"], t["col_sd"], float(meta["threshold"]),
-                       float(meta["target_threshold"]), int(meta["n_models"]), tuple(json.loads(meta["input_shape"])),
-                       meta.get("source", ""), json.loads(meta.get("scan", "{}")))
-        except BackdoorLabError:
-            raise
-        except Exception as e:  # a truncated or foreign file
-            raise BackdoorLabError(f"{p} is not a backdoorlab calibration file ({type(e).__name__}); "
-                                   "write one with `backdoorlab calibrate`") from None
+
+@dataclass(frozen=True)
+class TargetNull(_NullFile):
+    """Per-target statistics of one positive value per target (small = suspicious; Neural Cleanse's
+    mask L1 norms) over N clean models, with the calibrated threshold on the target z."""
+
+    KIND = "backdoorlab-target-null"
+    FOR = "neural-cleanse"
+    mean: torch.Tensor  # (K,) of the log value minus the model's median log value
+    sd: torch.Tensor
+    threshold: float
+    n_models: int
+    input_shape: tuple[int, ...]
+    source: str = ""
+    scan: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.mean.numel())
+
+    @property
+    def target_threshold(self) -> float:
+        return self.threshold
+
+    def describe(self) -> str:
+        return (f"calibrated on {self.n_models} clean models{f' ({self.source})' if self.source else ''}: "
+                f"target z > {self.threshold:.2f}")
+
+    def zscores(self, values: torch.Tensor, reached: torch.Tensor) -> torch.Tensor:
+        """(K,) z, positive when the target's value is smaller (relative to the model's median) than
+        in the clean models; -inf where the target was not reached."""
+        return _target_z(self.mean, self.sd, values, reached)
+
+    def score(self, values: torch.Tensor, reached: torch.Tensor) -> float:
+        """The largest target z in units of the threshold (>= 1: flagged)."""
+        return float(self.zscores(values, reached).max()) / self.threshold
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "sd": self.sd}
+
+    def _meta(self) -> dict[str, str]:
+        return {"threshold": repr(self.threshold)}
+
+    @classmethod
+    def _build(cls, t: dict, meta: dict, common: tuple) -> "TargetNull":
+        return cls(t["mean"], t["sd"], float(meta["threshold"]), *common)
+
+
+def target_residuals(values: torch.Tensor) -> torch.Tensor:
+    """(K,) log values minus their median (a model's scale does not count, only its shape)."""
+    v = values.double().clamp_min(1e-6).log()
+    return v - v.median()
+
+
+def _target_z(mean: torch.Tensor, sd: torch.Tensor, values: torch.Tensor, reached: torch.Tensor) -> torch.Tensor:
+    z = (mean.double() - target_residuals(values)) / sd.double()
+    return z.masked_fill(~reached.bool(), -math.inf)
 
 
 def _z(pm, psd, cm, csd, norms, reached):
@@ -190,3 +296,23 @@ def fit(norms: Sequence[torch.Tensor], reached: Sequence[torch.Tensor], input_sh
     cm, csd = _mean_sd(col)
     return PairNull(pm.float(), psd.float(), cm.float(), csd.float(), tail_threshold(pair_max), tail_threshold(col_max), n,
                     tuple(int(s) for s in input_shape), source, dict(scan or {}))
+
+
+def fit_targets(values: Sequence[torch.Tensor], reached: Sequence[torch.Tensor], input_shape: Sequence[int],
+                source: str = "", scan: dict | None = None) -> TargetNull:
+    """The null of ``values`` ((K,) per clean model, positive, small = suspicious; ``reached`` the
+    targets whose search succeeded), with a leave-one-out threshold. Needs 3 or more models."""
+    n = len(values)
+    if n < 3:
+        raise BackdoorLabError(f"calibration needs at least 3 clean models (got {n}); give more models")
+    k = {int(x.numel()) for x in values}
+    if len(k) != 1:
+        raise BackdoorLabError(f"the calibration models disagree on the number of classes ({sorted(k)}); give models of one data set")
+    res = torch.stack([target_residuals(v) for v in values])
+    maxima = []
+    for i in range(n):
+        mu, sd = _mean_sd(res[[j for j in range(n) if j != i]])
+        maxima.append(float(_target_z(mu, sd, values[i], reached[i]).max()))
+    mu, sd = _mean_sd(res)
+    return TargetNull(mu.float(), sd.float(), tail_threshold(maxima), n, tuple(int(s) for s in input_shape), source,
+                      dict(scan or {}))
