@@ -481,6 +481,12 @@ def nc_rows(models: list[dict]) -> list[dict]:
             r = evaluate(models, name, fn, own_threshold=1.0)
             r["calibration_auroc"] = calibration_auroc(models, fn)
             rows.append(r)
+        print("evaluation half, per model: score / its threshold (* names the true target)")
+        for m in models:
+            if m["seed"] != 0:
+                got = [(k, f(m)) for k, f in (("pair null", lib), ("NC target null", tn))]
+                print(f"  {m['data']:10s} {m['model']:8s} {m['attack']:12s} "
+                      + "  ".join(f"{k} {u:6.2f}{'*' if m['target'] in named else ' '}" for k, (u, named) in got))
     return rows
 
 
