@@ -75,6 +75,9 @@ class _NullFile:
     def num_classes(self) -> int:
         raise NotImplementedError
 
+    def _calibrated_on(self) -> str:
+        return f"calibrated on {self.n_models} clean models{f' ({self.source})' if self.source else ''}"
+
     def check(self, num_classes: int, input_shape: Sequence[int], scan: dict | None = None) -> None:
         """Refuse a suspect of another task, or scanned with other settings than the clean models."""
         diff = {k: (v, scan.get(k)) for k, v in self.scan.items() if scan.get(k) != v} if scan is not None else {}
@@ -162,8 +165,7 @@ class PairNull(_NullFile):
         return int(self.col_mean.numel())
 
     def describe(self) -> str:
-        return (f"calibrated on {self.n_models} clean models{f' ({self.source})' if self.source else ''}: "
-                f"pair z > {self.threshold:.2f} or target z > {self.target_threshold:.2f}")
+        return f"{self._calibrated_on()}: pair z > {self.threshold:.2f} or target z > {self.target_threshold:.2f}"
 
     def zscores(self, norms: torch.Tensor, reached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pair z (K, K), NaN where the pair was not reached or on the diagonal; target z (K,)),
@@ -212,8 +214,7 @@ class TargetNull(_NullFile):
         return self.threshold
 
     def describe(self) -> str:
-        return (f"calibrated on {self.n_models} clean models{f' ({self.source})' if self.source else ''}: "
-                f"target z > {self.threshold:.2f}")
+        return f"{self._calibrated_on()}: target z > {self.threshold:.2f}"
 
     def zscores(self, values: torch.Tensor, reached: torch.Tensor) -> torch.Tensor:
         """(K,) z, positive when the target's value is smaller (relative to the model's median) than
@@ -271,16 +272,22 @@ def tail_threshold(clean_maxima: Sequence[float], default: float = 3.0) -> float
     return max(float(v.max()), float(v.mean() + TAIL_Z * v.std())) if v.numel() > 1 else default
 
 
+def _check_models(classes: list[int]) -> int:
+    """The number of calibration models, refusing fewer than 3 or models of different class counts."""
+    n = len(classes)
+    if n < 3:
+        raise BackdoorLabError(f"calibration needs at least 3 clean models (got {n}); give more models")
+    if len(set(classes)) != 1:
+        raise BackdoorLabError(f"the calibration models disagree on the number of classes ({sorted(set(classes))}); "
+                               "give models of one data set")
+    return n
+
+
 def fit(norms: Sequence[torch.Tensor], reached: Sequence[torch.Tensor], input_shape: Sequence[int],
         source: str = "", scan: dict | None = None) -> PairNull:
     """The null of ``norms`` ((K, K) per clean model; ``reached`` the pairs that reached pi), with
     leave-one-out thresholds. Needs 3 or more models."""
-    n = len(norms)
-    if n < 3:
-        raise BackdoorLabError(f"calibration needs at least 3 clean models (got {n}); give more models")
-    k = {int(x.shape[0]) for x in norms}
-    if len(k) != 1:
-        raise BackdoorLabError(f"the calibration models disagree on the number of classes ({sorted(k)}); give models of one data set")
+    n = _check_models([int(x.shape[0]) for x in norms])
     res = torch.stack([residuals(x, r)[0] for x, r in zip(norms, reached)])
     col = torch.stack([residuals(x, r)[1] for x, r in zip(norms, reached)])
     pair_max, col_max = [], []
@@ -302,12 +309,7 @@ def fit_targets(values: Sequence[torch.Tensor], reached: Sequence[torch.Tensor],
                 source: str = "", scan: dict | None = None) -> TargetNull:
     """The null of ``values`` ((K,) per clean model, positive, small = suspicious; ``reached`` the
     targets whose search succeeded), with a leave-one-out threshold. Needs 3 or more models."""
-    n = len(values)
-    if n < 3:
-        raise BackdoorLabError(f"calibration needs at least 3 clean models (got {n}); give more models")
-    k = {int(x.numel()) for x in values}
-    if len(k) != 1:
-        raise BackdoorLabError(f"the calibration models disagree on the number of classes ({sorted(k)}); give models of one data set")
+    n = _check_models([int(x.numel()) for x in values])
     res = torch.stack([target_residuals(v) for v in values])
     maxima = []
     for i in range(n):
