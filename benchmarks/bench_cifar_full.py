@@ -15,6 +15,9 @@ Parts (each one command; run each under ``flock /tmp/heavy.lock`` on a shared ma
 - ``attack``: ``--attack badnets|blend|sig|wanet|input-aware`` (10% poisoned, all-to-one -> 0; ``ATTACK_SETTINGS``) with the fastnet recipe:
   CA, ASR; ``--strip`` also screens the triggered and clean test sets with STRIP (FRR preset 1% on
   the clean holdout): FRR, FAR; ``strip --load F`` does that for a victim saved by ``attack --save F``.
+- ``abl --attack sig --load F``: ABL (seed 003's setting) trained with the fastnet recipe on the full
+  poisoned set (``abl_params``; ``-p abl.KEY=VALUE``, ``-p abl.recipe.KEY=VALUE``), through the runner's
+  path: isolation precision, CA and ASR after each phase. ``--epochs`` is ABL's total.
 - ``repair --load F``: the repairers (``--repairers``, ``-p NAME.KEY=VALUE``) on a saved victim, on its
   clean held-out set (2,500 images), through the runner's path: CA, ASR, DER, seconds.
 
@@ -24,6 +27,7 @@ Parts (each one command; run each under ``flock /tmp/heavy.lock`` on a shared ma
     BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py attack --attack badnets [--strip] [--save F]
     BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py strip --attack badnets --load F [--strip-n 1000]
     BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py repair --attack badnets --load F [--repairers fine-pruning,nad]
+    BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py abl --attack sig --load F [-p abl.gamma=0.5]
 """
 
 from __future__ import annotations
@@ -242,6 +246,64 @@ def part_repair(args) -> dict:
     return out
 
 
+# ABL's own parameters taken from the recipe (the rest of the recipe is ABL's ``recipe``)
+_ABL_OWN = ("lr", "batch_size", "momentum", "weight_decay", "crop_padding", "flip", "optimizer", "eval_batch_size")
+
+
+def abl_params(cfg, epochs: int, overrides: dict) -> dict:
+    """ABL trained with the fastnet recipe: ABL's own parameters from the recipe, the rest of the
+    recipe as ABL's ``recipe`` (isolation at a constant rate with a one-epoch warm-up), the paper's
+    gamma 0.5 and unlearning rate 5e-4, one loss pass per isolation epoch (47,500 images each)."""
+    tr = cfg.train.model_dump()
+    recipe = {k: v for k, v in tr.items() if k not in (*_ABL_OWN, "epochs", "step_size")}
+    recipe["warmup"] = 1.0
+    params = {**{k: tr[k] for k in _ABL_OWN}, "recipe": recipe, "epochs": epochs, "isolation_epochs": 2,
+              "gamma": 0.5, "unlearning_lr": 5e-4, "unlearning_epochs": 5, "passes_per_epoch": 1, "seed": cfg.seed}
+    for k, v in overrides.items():
+        if k.startswith("recipe."):
+            params["recipe"][k.split(".", 1)[1]] = v
+        else:
+            params[k] = v
+    return params
+
+
+def part_abl(args) -> dict:
+    """ABL (seed 003's setting) on the full set with the fastnet recipe, through the runner's path: the
+    undefended victim from ``--load`` (saved by ``attack --save``), ABL training a fresh fastnet."""
+    from bench_repairers import parse_params
+
+    from backdoorlab.defenses import DEFENSES
+    from backdoorlab.experiment import evaluate_victim, prepare, run_defense, setup_torch
+    from backdoorlab.models import load_model
+
+    cfg = _config(args, args.attack)
+    setup_torch(cfg)
+    prep = prepare(cfg)
+    model = load_model(Path(args.load), num_classes=10, input_shape=(3, 32, 32)).eval()
+    base = {k: float(v) for k, v in evaluate_victim(model, prep).items()}
+    print(f"   victim {args.load}: CA {base['clean_accuracy']:.4f}  ASR {base['attack_success_rate']:.4f}; "
+          f"{int(base.get('poison_count', 0))} poisoned of {len(prep.train_set)}", flush=True)
+    over: dict = {}
+    for name, kv in parse_params(args.param).items():  # abl.KEY=V, abl.recipe.KEY=V
+        if name == "abl" or name.startswith("abl."):
+            over.update({(f"{name[4:]}.{k}" if name != "abl" else k): v for k, v in kv.items()})
+    params = abl_params(cfg, args.epochs, over)
+    defense = DEFENSES.build("abl", params, where="abl")
+    print(f"   abl parameters: {params}", flush=True)
+    t0 = time.perf_counter()
+    m, _figs = run_defense(defense, model, prep, base["clean_accuracy"], base.get("attack_success_rate"),
+                           cfg.train.eval_batch_size, seed=cfg.seed)
+    secs = time.perf_counter() - t0
+    keep = ("clean_accuracy", "attack_success_rate", "isolation_precision", "isolation.clean_accuracy",
+            "isolation.attack_success_rate", "training.clean_accuracy", "training.attack_success_rate")
+    print("   " + "  ".join(f"{k} {m[k]:.4f}" for k in keep if k in m) + f"  ({secs:.0f} s)", flush=True)
+    out = {"attack": args.attack, "seed": cfg.seed, "model": args.load, "victim": {k: round(v, 4) for k, v in base.items()},
+           "abl_params": params, "abl": {k: round(float(v), 4) for k, v in m.items() if isinstance(v, (int, float))},
+           "seconds": round(secs, 1)}
+    print(json.dumps(out, default=str))
+    return out
+
+
 def part_epoch(args) -> dict:
     from backdoorlab.models import ModelSpec, build_model
     from backdoorlab.train import _memory_format
@@ -277,7 +339,7 @@ def part_epoch(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("part", choices=["load", "train", "epoch", "attack", "strip", "repair"])
+    ap.add_argument("part", choices=["load", "train", "epoch", "attack", "strip", "repair", "abl"])
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--subset", action="store_true", help="the 10,000-image npz subset instead of the full set")
@@ -314,6 +376,8 @@ def main() -> None:
         res = part_strip(args)
     elif args.part == "repair":
         res = part_repair(args)
+    elif args.part == "abl":
+        res = part_abl(args)
     else:
         res = part_train(args, attack=args.attack)
     if args.json:

@@ -100,6 +100,10 @@ def test_clean_training_set_costs_little_accuracy():
     ({"lga": "both"}, ["lga"]),
     ({"isolation_ratio": 0.5, "relearn_exclude": 0.5}, ["relearn_exclude", "below 1"]),
     ({"relearn_exclude": 1.0}, ["relearn_exclude"]),
+    ({"recipe": {"lr": 1.5}}, ["recipe sets lr", "abl's own"]),
+    ({"recipe": {"epochs": 3}}, ["recipe sets epochs", "isolation_epochs"]),
+    ({"recipe": {"schedule": "bogus"}}, ["recipe is not a valid train section", "schedule"]),
+    ({"recipe": {"lookahaed": True}}, ["recipe is not a valid train section", "lookahaed"]),
 ])
 def test_bad_parameters_are_clear_errors(params, words):
     with pytest.raises(BackdoorLabError) as exc:
@@ -117,6 +121,31 @@ def test_bad_data_is_a_clear_error(tiny):
         DEFENSES.create("abl", isolation_ratio=0.1).train(wrong, tiny)
     with pytest.raises(TypeError):  # defenses never receive the ground truth
         DEFENSES.create("abl", isolation_ratio=0.1).train(model, tiny, truth=torch.zeros(5, dtype=torch.bool))
+
+
+def test_recipe_reaches_both_training_phases_and_isolation_stays_constant(tiny, monkeypatch):
+    """A victim's recipe (e.g. fastnet's) trains ABL's phases 1 and 2; the isolation keeps a constant rate,
+    phase 2 takes the recipe's schedule, and the losses are recorded in float32 under autocast too."""
+    import backdoorlab.train as tr
+
+    seen, real = [], tr.train
+
+    def spy(model, data, cfg, **kw):
+        seen.append(cfg)
+        return real(model, data, cfg, **kw)
+
+    monkeypatch.setattr(tr, "train", spy)
+    recipe = {"lookahead": True, "label_smoothing": 0.1, "schedule": "linear", "warmup": 0.5, "autocast": "bf16"}
+    abl = DEFENSES.create("abl", isolation_epochs=1, epochs=2, unlearning_epochs=1, isolation_ratio=0.1,
+                          lr=0.02, recipe=recipe)
+    model = build_model(ModelSpec("cnn", 3, (1, 12, 12), {"width": 4, "hidden": 8}))
+    res = abl.train(model, tiny)
+    iso, rest = seen
+    assert iso.schedule == "constant" and rest.schedule == "linear"
+    for cfg in (iso, rest):
+        assert (cfg.lookahead, cfg.label_smoothing, cfg.warmup, cfg.autocast, cfg.lr) == (True, 0.1, 0.5, "bf16", 0.02)
+    assert res.loss_traces.dtype == torch.float32 and bool(torch.isfinite(res.loss_traces).all())
+    assert DEFENSES.create("abl")._train_config(3, "cosine").warmup == 0.0  # no recipe: as measured before
 
 
 def test_is_a_registered_robust_trainer():

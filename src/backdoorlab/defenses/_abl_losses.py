@@ -28,10 +28,11 @@ def lga_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float, per_sample: bo
 
 @torch.inference_mode()
 def per_sample_loss(model: nn.Module, data: ImageSet, batch_size: int = 1024) -> torch.Tensor:
-    """Cross-entropy of every sample of ``data`` under ``model`` (eval mode): float32 (N,)."""
+    """Cross-entropy of every sample of ``data`` under ``model`` (eval mode): float32 (N,), also
+    when the forward pass runs under autocast."""
     from backdoorlab.train import predict_logits
 
-    return F.cross_entropy(predict_logits(model, data.x, batch_size), data.y, reduction="none")
+    return F.cross_entropy(predict_logits(model, data.x, batch_size).float(), data.y, reduction="none")
 
 
 def _accuracies(model: nn.Module, sets: dict[str, Any], batch_size: int) -> dict[str, float]:

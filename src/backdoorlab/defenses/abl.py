@@ -49,6 +49,10 @@ Deviations, and why:
 - ``relearn_exclude`` (0.2, our addition). The poison not isolated ranks just above the isolated
   share and would re-teach the trigger, so the joint descent skips that share of the next-lowest
   scores (still trained on in phase 2, not unlearned). 0 is the paper's equation 5.
+- ``recipe`` (our addition): the victim's own training settings (keys of an experiment's ``train``
+  section, e.g. fastnet's lookahead, bf16 autocast, decoupled weight decay, warm-up, schedule) for
+  phases 1 and 2, so that ABL trains the model as its owner would; isolation keeps a constant rate.
+  With ``autocast`` the per-sample loss passes and the unlearning steps run under it too.
 - *Unlearning loop* on :class:`~backdoorlab.data.loader.TensorLoader`, not
   :func:`~backdoorlab.train.train`: it pairs two loaders, keeps the best epoch and keeps BatchNorm
   in eval mode (its statistics would drift to the 1% isolated set; the authors' code does not).
@@ -58,6 +62,7 @@ Measurements: docs/abl.md.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -65,7 +70,7 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 from torch import nn
 
@@ -125,6 +130,9 @@ class ABL(RobustTrainer):
     passes_per_epoch: int = Field(4, ge=1, le=100, description="per-sample loss passes per isolation epoch (evenly spaced; "
                                                                "the last at the end of the epoch) for the isolation score")
     eval_batch_size: int = Field(1024, ge=1)
+    recipe: dict[str, Any] = Field(default_factory=dict, description="training settings of phases 1 and 2 beyond "
+                                   "ABL's own fields: keys of an experiment's train section, e.g. {lookahead: true, "
+                                   "autocast: auto, decoupled_weight_decay: true, warmup: 1, schedule: linear}")
     seed: int = Field(0, ge=0)
 
     def __post_init__(self) -> None:
@@ -143,6 +151,17 @@ class ABL(RobustTrainer):
                                    f"must stay below 1, or no sample is left to relearn from; lower relearn_exclude")
         if self.epochs > 10_000:
             raise BackdoorLabError(f"abl: epochs must be <= 10000; got {self.epochs}")
+        own = sorted(set(self.recipe) & (_OWN_TRAIN_FIELDS | {"epochs"}))
+        if own:
+            raise BackdoorLabError(f"abl: recipe sets {', '.join(own)}, which ABL sets itself; give "
+                                   f"{' and '.join(k if k != 'epochs' else 'epochs / isolation_epochs' for k in own)} "
+                                   "as abl's own parameters instead")
+        try:
+            self._train_config(1, "cosine")
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise BackdoorLabError(f"abl: recipe is not a valid train section ({problems}); its keys are those of "
+                                   "an experiment's train section (backdoorlab.train.TrainConfig)") from None
 
     def describe(self) -> str:
         return (f"abl(gamma {self.gamma:g}, p {self.isolation_ratio:g}, T_iso {self.isolation_epochs}, "
@@ -151,10 +170,21 @@ class ABL(RobustTrainer):
     def _train_config(self, epochs: int, schedule: str):
         from backdoorlab.train import TrainConfig
 
-        return TrainConfig(epochs=epochs, batch_size=self.batch_size, optimizer=self.optimizer, lr=self.lr,
-                           momentum=self.momentum, weight_decay=self.weight_decay, schedule=schedule,
-                           crop_padding=self.crop_padding, flip=self.flip, eval_batch_size=self.eval_batch_size,
-                           warmup=0.0)  # the phases were measured without warm-up (docs/abl.md)
+        # the phases were measured without warm-up (docs/abl.md); a recipe may add one. The recipe's
+        # schedule is phase 2's: isolation keeps a constant rate.
+        extra = {"warmup": 0.0, **self.recipe, **({"schedule": "constant"} if schedule == "constant" else {})}
+        return TrainConfig(**{"schedule": schedule, **extra, "epochs": epochs, "batch_size": self.batch_size,
+                              "optimizer": self.optimizer, "lr": self.lr, "momentum": self.momentum,
+                              "weight_decay": self.weight_decay, "crop_padding": self.crop_padding, "flip": self.flip,
+                              "eval_batch_size": self.eval_batch_size})
+
+    def _autocast(self, model: nn.Module):
+        """The recipe's autocast (bf16 where the CPU runs it natively) for loss passes and unlearning steps."""
+        from backdoorlab.train import autocast_dtype, model_device
+
+        device = model_device(model)
+        amp = autocast_dtype(self._train_config(1, "cosine"), device)
+        return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
     def train(self, model: nn.Module, data: ImageSet, *, clean: ImageSet | None = None,
               evaluate: Evaluate | None = None, callbacks: tuple = ()) -> RobustTrainResult:
@@ -186,10 +216,12 @@ class ABL(RobustTrainer):
                 every[0] = max(1, spe[0] // self.passes_per_epoch)
             elif event == "step" and 0 < (info["step"] % spe[0]) and (info["step"] % spe[0]) % every[0] == 0 \
                     and (info["step"] % spe[0]) + every[0] <= spe[0]:  # within the epoch; its end is recorded below
-                passes.append((info["step"] / spe[0], per_sample_loss(model, data, bs)))
+                with self._autocast(model):
+                    passes.append((info["step"] / spe[0], per_sample_loss(model, data, bs)))
                 model.train()  # the pass switched to eval mode mid-epoch
             elif event == "epoch_end":
-                traces.append(per_sample_loss(model, data, bs))
+                with self._autocast(model):
+                    traces.append(per_sample_loss(model, data, bs))
                 passes.append((float(len(traces)), traces[-1]))
 
         gamma, per_sample = self.gamma, self.lga == "sample"
@@ -304,10 +336,14 @@ class ABL(RobustTrainer):
                 set_lr(opt, lr_at(cfg, step, total, len(loader)))  # keeps a model's own lr_scale groups (fastnet)
                 step += 1
                 xb = xb.to(device).contiguous(memory_format=fmt)
-                loss = unlearning_loss(model(xb), yb.to(device), self.unlearning_loss, self.ascent_bound)
+                with self._autocast(model):
+                    logits = model(xb)
+                loss = unlearning_loss(logits.float(), yb.to(device), self.unlearning_loss, self.ascent_bound)
                 if rest_batches is not None:
                     xr, yr = next(rest_batches)
-                    loss = loss + F.cross_entropy(model(xr.to(device).contiguous(memory_format=fmt)), yr.to(device))
+                    with self._autocast(model):
+                        logits = model(xr.to(device).contiguous(memory_format=fmt))
+                    loss = loss + F.cross_entropy(logits.float(), yr.to(device))
                 if not torch.isfinite(loss):
                     break
                 opt.zero_grad(set_to_none=True)
@@ -315,7 +351,9 @@ class ABL(RobustTrainer):
                 opt.step()
                 for _ in range(self.rest_steps - 1 if rest_batches is not None else 0):  # relearn the clean classes
                     xr, yr = next(rest_batches)
-                    loss = F.cross_entropy(model(xr.to(device).contiguous(memory_format=fmt)), yr.to(device))
+                    with self._autocast(model):
+                        logits = model(xr.to(device).contiguous(memory_format=fmt))
+                    loss = F.cross_entropy(logits.float(), yr.to(device))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -335,6 +373,11 @@ class ABL(RobustTrainer):
         model.load_state_dict(kept[1])
         model.eval()
         return rows + [{"epoch": kept[0], "accepted": True, "metrics": kept[2]}]
+
+
+# TrainConfig fields that ABL's own parameters set (a recipe may not)
+_OWN_TRAIN_FIELDS = frozenset({"batch_size", "optimizer", "lr", "momentum", "weight_decay", "crop_padding", "flip",
+                               "eval_batch_size"})
 
 
 def _fmt(m: dict[str, float]) -> str:
