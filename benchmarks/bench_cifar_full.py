@@ -15,9 +15,10 @@ Parts (each one command; run each under ``flock /tmp/heavy.lock`` on a shared ma
 - ``attack``: ``--attack badnets|blend|sig|wanet|input-aware`` (10% poisoned, all-to-one -> 0; ``ATTACK_SETTINGS``) with the fastnet recipe:
   CA, ASR; ``--strip`` also screens the triggered and clean test sets with STRIP (FRR preset 1% on
   the clean holdout): FRR, FAR; ``strip --load F`` does that for a victim saved by ``attack --save F``.
-- ``abl --attack sig --load F``: ABL (seed 003's setting) trained with the fastnet recipe on the full
+- ``abl --attack sig [--load F]``: ABL (seed 003's setting) trained with the fastnet recipe on the full
   poisoned set (``abl_params``; ``-p abl.KEY=VALUE``, ``-p abl.recipe.KEY=VALUE``), through the runner's
-  path: isolation precision, CA and ASR after each phase. ``--epochs`` is ABL's total.
+  path: isolation precision, CA and ASR after each phase; ``--load`` the undefended victim for its CA /
+  ASR. ``--epochs`` is ABL's total (``--epochs 2 -p abl.unlearning_epochs=0``: the isolation phase alone).
 - ``repair --load F``: the repairers (``--repairers``, ``-p NAME.KEY=VALUE``) on a saved victim, on its
   clean held-out set (2,500 images), through the runner's path: CA, ASR, DER, seconds.
 
@@ -108,12 +109,13 @@ ATTACK_SETTINGS: dict[str, dict] = {
 def _config(args, attack: str | None = None):
     from backdoorlab.config import load_config
 
-    over = [f"seed={args.seed}", f"train.epochs={args.epochs}", *getattr(args, "set", [])]
+    over = [f"seed={args.seed}", f"train.epochs={args.epochs}"]
     if args.subset:
         over.append("data.full=false")
     if attack:
         over += [f"attack.name={attack}", "attack.rate=0.1", "attack.target=0"]
         over += [f"attack.{k}={v}" for k, v in ATTACK_SETTINGS.get(attack, {}).items()]
+    over += getattr(args, "set", [])  # the user's --set last: it wins over the attack's settings
     doc_path = ROOT / "configs" / "fastnet_cifar10.yaml"
     if attack:
         import yaml
@@ -127,7 +129,8 @@ def _config(args, attack: str | None = None):
 
 
 def part_train(args, attack: str | None = None) -> dict:
-    from backdoorlab.experiment import evaluate_victim, prepare, setup_torch
+    from backdoorlab.attacks.base import TrainingAttack
+    from backdoorlab.experiment import _train_with_training_attack, evaluate_victim, prepare, setup_torch
     from backdoorlab.models import ModelSpec, build_model
     from backdoorlab.train import evaluate, train
 
@@ -160,8 +163,15 @@ def part_train(args, attack: str | None = None) -> dict:
 
     # the trainer's set-up before the first epoch (the whitening init) is counted in the curve's clock
     t0 = time.perf_counter()
-    hist = train(model, training_set, cfg.train, seed=cfg.seed, callbacks=(cb,))
+    if isinstance(prep.attack, TrainingAttack):  # input-aware: it poisons while training (the runner's path)
+        model, hist_d, _ = _train_with_training_attack(cfg, prep, model, (cb,))  # the model the curve evaluates
+        img_s = [e["images_per_second"] for e in hist_d["epochs"]]
+    else:
+        hist = train(model, training_set, cfg.train, seed=cfg.seed, callbacks=(cb,))
+        img_s = [e.images_per_second for e in hist.epochs]
     wall = time.perf_counter() - t0
+    if attack and prep.triggered_test is None:
+        raise SystemExit(f"{attack}: no triggered test set after training; the attack did not run")
     setup_s = wall - clock["train"] - sum(r.get("eval_s", 0) for r in curve)
     for r in curve:
         r["train_s"] = round(r["train_s"] + setup_s, 1)
@@ -179,7 +189,7 @@ def part_train(args, attack: str | None = None) -> dict:
            "num_train": len(data), "num_test": len(test), "data_s": round(load_s, 1), "train_s": round(wall - sum(
                r.get("eval_s", 0) for r in curve), 1), "bf16": amp, "curve": curve, "time_to": tta,
            "final_fp32": {k: round(float(v), 4) for k, v in metrics.items() if isinstance(v, (int, float))},
-           "final_eval_s": round(final_eval_s, 1), "img_per_s": round(statistics.median(e.images_per_second for e in hist.epochs))}
+           "final_eval_s": round(final_eval_s, 1), "img_per_s": round(statistics.median(img_s))}
     print(json.dumps({k: v for k, v in out.items() if k != "curve"}))
     if args.save:
         from backdoorlab.models import save_model
@@ -294,10 +304,16 @@ def part_abl(args) -> dict:
     cfg = _config(args, args.attack)
     setup_torch(cfg)
     prep = prepare(cfg)
-    model = load_model(Path(args.load), num_classes=10, input_shape=(3, 32, 32)).eval()
-    base = {k: float(v) for k, v in evaluate_victim(model, prep).items()}
-    print(f"   victim {args.load}: CA {base['clean_accuracy']:.4f}  ASR {base['attack_success_rate']:.4f}; "
-          f"{int(base.get('poison_count', 0))} poisoned of {len(prep.train_set)}", flush=True)
+    if args.load:
+        model = load_model(Path(args.load), num_classes=10, input_shape=(3, 32, 32)).eval()
+        base = {k: float(v) for k, v in evaluate_victim(model, prep).items()}
+        print(f"   victim {args.load}: CA {base['clean_accuracy']:.4f}  ASR {base['attack_success_rate']:.4f}; "
+              f"{int(base.get('poison_count', 0))} poisoned of {len(prep.train_set)}", flush=True)
+    else:  # no undefended victim: ABL alone (e.g. its isolation phase: -p abl.epochs=2 -p abl.unlearning_epochs=0)
+        from backdoorlab.models import ModelSpec, build_model
+
+        model, base = build_model(ModelSpec("fastnet", 10, (3, 32, 32), cfg.model.extras())), {}
+        print(f"   no victim loaded; {len(prep.train_set)} training images", flush=True)
     over: dict = {}
     for name, kv in parse_params(args.param).items():  # abl.KEY=V, abl.recipe.KEY=V
         if name == "abl" or name.startswith("abl."):
@@ -306,10 +322,11 @@ def part_abl(args) -> dict:
     defense = DEFENSES.build("abl", params, where="abl")
     print(f"   abl parameters: {params}", flush=True)
     t0 = time.perf_counter()
-    m, _figs = run_defense(defense, model, prep, base["clean_accuracy"], base.get("attack_success_rate"),
+    m, _figs = run_defense(defense, model, prep, base.get("clean_accuracy"), base.get("attack_success_rate"),
                            cfg.train.eval_batch_size, seed=cfg.seed)
     secs = time.perf_counter() - t0
-    keep = ("clean_accuracy", "attack_success_rate", "isolation_precision", "isolation.clean_accuracy",
+    keep = ("clean_accuracy", "attack_success_rate", "isolation_precision", "poison_recall_top_0.05",
+            "poison_recall_top_0.1", "poison_recall_top_0.2", "isolation.clean_accuracy",
             "isolation.attack_success_rate", "training.clean_accuracy", "training.attack_success_rate")
     print("   " + "  ".join(f"{k} {m[k]:.4f}" for k in keep if k in m) + f"  ({secs:.0f} s)", flush=True)
     out = {"attack": args.attack, "seed": cfg.seed, "model": args.load, "victim": {k: round(v, 4) for k, v in base.items()},
