@@ -179,12 +179,13 @@ class ABL(RobustTrainer):
                               "eval_batch_size": self.eval_batch_size})
 
     def _autocast(self, model: nn.Module):
-        """The recipe's autocast (bf16 where the CPU runs it natively) for loss passes and unlearning steps."""
+        """A factory of the recipe's autocast context (bf16 where the CPU runs it natively) for loss passes
+        and unlearning steps; resolved once per run, not per batch."""
         from backdoorlab.train import autocast_dtype, model_device
 
         device = model_device(model)
         amp = autocast_dtype(self._train_config(1, "cosine"), device)
-        return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+        return (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
 
     def train(self, model: nn.Module, data: ImageSet, *, clean: ImageSet | None = None,
               evaluate: Evaluate | None = None, callbacks: tuple = ()) -> RobustTrainResult:
@@ -209,6 +210,7 @@ class ABL(RobustTrainer):
         traces: list[torch.Tensor] = []  # after every epoch (the figure)
         passes: list[tuple[float, torch.Tensor]] = []  # (epoch, losses) every 1/passes_per_epoch epoch (the score)
         spe, every = [1], [1]  # steps per epoch, steps between passes
+        amp = self._autocast(model)
 
         def record(event: str, **info: Any) -> None:
             if event == "train_start":
@@ -216,11 +218,11 @@ class ABL(RobustTrainer):
                 every[0] = max(1, spe[0] // self.passes_per_epoch)
             elif event == "step" and 0 < (info["step"] % spe[0]) and (info["step"] % spe[0]) % every[0] == 0 \
                     and (info["step"] % spe[0]) + every[0] <= spe[0]:  # within the epoch; its end is recorded below
-                with self._autocast(model):
+                with amp():
                     passes.append((info["step"] / spe[0], per_sample_loss(model, data, bs)))
                 model.train()  # the pass switched to eval mode mid-epoch
             elif event == "epoch_end":
-                with self._autocast(model):
+                with amp():
                     traces.append(per_sample_loss(model, data, bs))
                 passes.append((float(len(traces)), traces[-1]))
 
@@ -251,7 +253,7 @@ class ABL(RobustTrainer):
         t0 = time.perf_counter()
         relearn = order[k + k_out:].sort().values
         curve = self._unlearn(model, data.subset(isolated, name="isolated"),
-                              data.subset(relearn, name="rest") if self.unlearning == "joint" else None, sets, bs)
+                              data.subset(relearn, name="rest") if self.unlearning == "joint" else None, sets, bs, amp)
         phases["unlearning"] = {**curve[-1]["metrics"], "seconds": time.perf_counter() - t0,
                                 "epochs_kept": float(curve[-1]["epoch"])}
         log.info("abl: unlearned for %d of %d epochs; %s", curve[-1]["epoch"], self.unlearning_epochs, _fmt(phases["unlearning"]))
@@ -298,7 +300,7 @@ class ABL(RobustTrainer):
         return stacked.median(0).values if self.isolation_score == "median" else stacked.mean(0)
 
     def _unlearn(self, model: nn.Module, isolated: ImageSet, rest: ImageSet | None, sets: dict[str, Optional[ImageSet]],
-                 bs: int) -> list[dict[str, Any]]:
+                 bs: int, amp=contextlib.nullcontext) -> list[dict[str, Any]]:
         """Gradient ascent on ``isolated`` for up to ``unlearning_epochs`` epochs, in place; with ``rest``,
         each step also descends on a batch of it (loss ``l(rest) - l(isolated)``). Returns one row per
         epoch run (epoch, accepted, metrics incl. ``isolated_accuracy``) and, last, the kept state's
@@ -336,12 +338,12 @@ class ABL(RobustTrainer):
                 set_lr(opt, lr_at(cfg, step, total, len(loader)))  # keeps a model's own lr_scale groups (fastnet)
                 step += 1
                 xb = xb.to(device).contiguous(memory_format=fmt)
-                with self._autocast(model):
+                with amp():
                     logits = model(xb)
                 loss = unlearning_loss(logits.float(), yb.to(device), self.unlearning_loss, self.ascent_bound)
                 if rest_batches is not None:
                     xr, yr = next(rest_batches)
-                    with self._autocast(model):
+                    with amp():
                         logits = model(xr.to(device).contiguous(memory_format=fmt))
                     loss = loss + F.cross_entropy(logits.float(), yr.to(device))
                 if not torch.isfinite(loss):
@@ -351,7 +353,7 @@ class ABL(RobustTrainer):
                 opt.step()
                 for _ in range(self.rest_steps - 1 if rest_batches is not None else 0):  # relearn the clean classes
                     xr, yr = next(rest_batches)
-                    with self._autocast(model):
+                    with amp():
                         logits = model(xr.to(device).contiguous(memory_format=fmt))
                     loss = F.cross_entropy(logits.float(), yr.to(device))
                     opt.zero_grad(set_to_none=True)
