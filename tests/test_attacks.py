@@ -22,7 +22,7 @@ def one_thread():
 
 # parameter sets per data-poisoning attack for the conformance test (an attack not listed: its defaults)
 CASES = {
-    "badnets": [{}, {"shape": "ball", "size": 5}, {"shape": "chessboard", "value": 0.1},
+    "badnets": [{}, {"shape": "ball", "size": 5}, {"shape": "chessboard", "value": 0.1}, {"shape": "checkerboard"},
                 {"position": "random", "size": 2}, {"position": (1, 2), "size": 4, "value": 0.5}],
     "blend": [{}, {"key": "kitty", "alpha": 0.2}, {"key": "target-sample", "alpha": 0.1, "combine": "add"},
               {"key": "noise", "alpha": 0.3, "alpha_test": 0.5, "key_seed": 4}],
@@ -182,6 +182,17 @@ def test_chessboard_is_global_and_additive():
     x = torch.full((1, 1, 4, 4), 0.5)
     out = a.apply_trigger(x)
     assert torch.allclose(out[0, 0], 0.5 + 0.1 * torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1]] * 2, dtype=torch.float))
+
+
+def test_checkerboard_patch_is_local_and_shows_on_white_corners():
+    a = ATTACKS.create("badnets", shape="checkerboard", size=3)
+    x = torch.ones(2, 3, 6, 6)
+    x[0] = 0.0  # a black image and a white one
+    out = a.apply_trigger(x)
+    board = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 0, 1]], dtype=torch.float)
+    assert torch.equal(out[:, :, 3:, 3:], board.expand(2, 3, 3, 3))
+    assert torch.equal(out[:, :, :3], x[:, :, :3]) and torch.equal(out[:, :, :, :3], x[:, :, :, :3])
+    assert bool((out[1] != x[1]).any())  # unlike the white square, it changes a white corner
 
 
 def test_image_trigger_resized(tmp_path):

@@ -113,6 +113,28 @@ def test_random_crop_matches_manual_crop():
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent (shared data sets not provided)")
 
 
+@pytest.mark.parametrize("first", [False, True])
+def test_loader_transform_runs_before_or_after_the_flips(first):
+    """``transform_first``: the transform's output is augmented (a training-time attack's triggered images
+    are flipped like any image); otherwise the transform sees augmented images and its edit stays put."""
+    x = torch.zeros(64, 1, 4, 4, dtype=torch.uint8)
+
+    def mark_left_column(xb, yb, idx):
+        xb = xb.clone()
+        xb[..., 0] = 1.0
+        return xb, yb
+
+    ld = TensorLoader(x, torch.zeros(64, dtype=torch.int64), batch_size=64, augment=Augment(0, True),
+                      generator=torch.Generator().manual_seed(0), transform=mark_left_column, transform_first=first)
+    xb, _ = next(iter(ld))
+    left, right = xb[:, 0, :, 0].amin(1) == 1, xb[:, 0, :, -1].amin(1) == 1
+    assert bool((left ^ right).all())  # one column marked per image, either way
+    if first:
+        assert 16 <= int(right.sum()) <= 48  # about half the images were flipped after the mark
+    else:
+        assert int(right.sum()) == 0
+
+
 @needs_shared
 def test_shared_mnist_npz():
     raw = load_source("npz", path=str(SHARED_DATA / "mnist" / "mnist.npz"))

@@ -182,11 +182,12 @@ def train(
     callbacks: tuple[Callback, ...] = (),
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     transform=None,
+    transform_first: bool = False,
 ) -> History:
     """Train ``model`` in place on ``data``; returns the per-epoch :class:`History`.
 
-    ``transform(x, y, idx) -> (x, y)`` (optional) edits each float batch after augmentation
-    (training-time attacks use it). ``loss_fn`` defaults to cross-entropy with ``cfg.label_smoothing``.
+    ``transform(x, y, idx) -> (x, y)`` (optional) edits each float batch after augmentation, or
+    before it with ``transform_first`` (training-time attacks use it). ``loss_fn`` defaults to cross-entropy with ``cfg.label_smoothing``.
     """
     if len(data) == 0:
         raise BackdoorLabError("cannot train on an empty data set")
@@ -196,7 +197,8 @@ def train(
     fmt = _memory_format(model, cfg.channels_last)
     model.to(memory_format=fmt)
     loader = TensorLoader(data.x, data.y, cfg.batch_size, shuffle=True, generator=g,
-                          augment=Augment(cfg.crop_padding, cfg.flip), transform=transform)
+                          augment=Augment(cfg.crop_padding, cfg.flip), transform=transform,
+                          transform_first=transform_first)
     if hasattr(model, "init_from_data") and callable(model.init_from_data):  # data-dependent init (fastnet's
         # whitening); the model does it once only, so fine-tuning a trained model keeps it
         idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:5000]

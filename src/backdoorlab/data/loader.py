@@ -55,7 +55,8 @@ class TensorLoader:
 
     ``x``: uint8 (N, C, H, W); ``y``: int64 (N,). Each epoch draws a new permutation from
     ``generator`` (deterministic under a seed). ``transform`` (optional) maps a float batch and its
-    labels and indices to new ones (used by training-time attacks).
+    labels and indices to new ones (used by training-time attacks); it runs after the augmentation,
+    or before it with ``transform_first`` (then its output is augmented like any training image).
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class TensorLoader:
         generator: torch.Generator | None = None,
         drop_last: bool = False,
         transform: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        transform_first: bool = False,
     ) -> None:
         if x.shape[0] != y.shape[0]:
             raise BackdoorLabError(f"loader: {x.shape[0]} images but {y.shape[0]} labels")
@@ -83,6 +85,7 @@ class TensorLoader:
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.drop_last = drop_last
         self.transform = transform
+        self.transform_first = transform_first
 
     def __len__(self) -> int:
         n = self.x.shape[0]
@@ -96,8 +99,10 @@ class TensorLoader:
             idx = order[start:start + self.batch_size]
             xb = self.x[idx].float().div_(255.0)
             yb = self.y[idx]
+            if self.transform is not None and self.transform_first:
+                xb, yb = self.transform(xb, yb, idx)
             if self.augment is not None:
                 xb = self.augment(xb, self.generator)
-            if self.transform is not None:
+            if self.transform is not None and not self.transform_first:
                 xb, yb = self.transform(xb, yb, idx)
             yield xb, yb
