@@ -10,8 +10,8 @@ Deviations, and why:
   normalised space); for the global chessboard it is the additive amplitude, x' = clip(x + value * b)
   with b the 0/1 board, the additive global pattern of Xiang et al. ``checkerboard`` is a local
   size x size board of ``value`` and 0 pixels (Turner et al.'s clean-label patch; Gu et al. also
-  used patterns): a white square cannot show on a corner that is already white (3.0% of CIFAR-10's
-  non-target test images have every bottom-right 3x3 pixel above 0.9), a board shows on any corner.
+  used patterns): a white square cannot show on a corner that is already white, a board shows on
+  any corner (docs/cifar10-full.md, STRIP).
 - ``position`` names a corner (with ``margin`` pixels to the border), the centre, explicit
   (row, col) of the patch's top-left pixel, or ``random`` (uniform per image over every position
   that fits; issue 3's "avoid the digit" variant is a separate attack).
