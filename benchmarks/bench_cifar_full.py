@@ -98,7 +98,8 @@ ATTACK_SETTINGS: dict[str, dict] = {
     "blend": {},
     "sig": {"mode": "clean-label", "rate": 1.0, "delta": 0.1176, "freq": 6},
     "wanet": {"k": 4, "s": 0.5, "cross_ratio": 2.0},
-    "input-aware": {"cross_ratio": 1.0, "mask_epochs": 2, "width": 16, "depth": 3},
+    # fastnet evaluates with flip TTA: the triggers must go through the recipe's flips (input_aware.py)
+    "input-aware": {"cross_ratio": 1.0, "mask_epochs": 2, "width": 16, "depth": 3, "augment_triggers": True},
     # seed 003's clean-label (configs/attacks/clean-label_cifar10.yaml): half the airplanes (2,500, 5% of the
     # set) made hard by PGD on a vgg-small surrogate, then four 3x3 corner checkerboards
     "clean-label": {"mode": "clean-label", "rate": 0.5, "eps": 0.0627, "steps": 10, "norm": "linf", "size": 3,

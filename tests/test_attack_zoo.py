@@ -274,8 +274,8 @@ def test_trigger_grid_is_a_png_of_three_rows():
 
 
 def test_input_aware_triggers_go_through_the_victims_flips(tiny, monkeypatch):
-    """The generator's triggered images are made before the run's augmentation, so the victim sees them
-    flipped as well (a model with flip TTA otherwise loses the backdoor: docs/cifar10-full.md); the
+    """With ``augment_triggers`` the generator's triggered images are made before the run's augmentation,
+    so the victim sees them flipped as well (a model with flip TTA otherwise loses the backdoor: docs/cifar10-full.md); the
     loader's side of it is tests/test_data.py::test_loader_transform_runs_before_or_after_the_flips."""
     import backdoorlab.train as T
     from backdoorlab.models import ModelSpec, build_model
@@ -290,7 +290,9 @@ def test_input_aware_triggers_go_through_the_victims_flips(tiny, monkeypatch):
     monkeypatch.setattr(T, "train", spy)
     torch.manual_seed(0)
     model = build_model(ModelSpec("cnn", 3, tiny.shape, {"width": 4, "hidden": 16}))
-    attack = ATTACKS.create("input-aware", mask_epochs=1, width=4, depth=2)
-    attack.train_victim(model, tiny, T.TrainConfig(epochs=1, batch_size=16, warmup=0, flip=True), rate=0.25,
-                        target=2, seed=0)
-    assert len(calls) == 1 and calls[0]["transform_first"] is True and calls[0]["transform"] is not None
+    for augment in (True, False):
+        attack = ATTACKS.create("input-aware", mask_epochs=1, width=4, depth=2, augment_triggers=augment)
+        attack.train_victim(model, tiny, T.TrainConfig(epochs=1, batch_size=16, warmup=0, flip=True), rate=0.25,
+                            target=2, seed=0)
+        assert calls[-1]["transform_first"] is augment and calls[-1]["transform"] is not None
+    assert ATTACKS.create("input-aware").augment_triggers is False  # the paper's order by default
