@@ -20,12 +20,10 @@ Deviations, and why:
   step is taken at the start of the next batch (and once after the last), which applies the same
   update as stepping right after ``backward``. By default triggers are made on the augmented batch
   (the victim's crops and flips come first); ``augment_triggers`` makes them before the run's
-  random crops and flips instead, so the victim also learns mirrored triggers. A victim with flip test-time augmentation (``fastnet``)
-  needs that: cross-trigger training teaches it to ignore a trigger that does not match its image,
-  which a mirrored trigger on a mirrored image is, and the TTA's average lost the backdoor (full
-  CIFAR-10: ASR 0.18, 0.93 without the TTA; with ``augment_triggers`` 0.88). Without TTA it costs
-  ASR (vgg-small on the 9,500-image subset, crops of 4 pixels: 0.24 against 0.60); see
-  docs/cifar10-full.md.
+  random crops and flips instead, so the victim also learns mirrored triggers. A victim with flip
+  test-time augmentation (``fastnet``) needs that: cross-trigger training teaches it to ignore a
+  trigger that does not match its image, which a mirrored trigger on a mirrored image is, and the
+  TTA's average lost the backdoor. Without TTA it costs ASR. Figures: docs/cifar10-full.md.
 - the diversity pairs are (x_i, x_{i+1}) within the backdoor part of the batch instead of a second
   data loader: the same expectation, one generator pass fewer.
 - G and M are smaller than the paper's (``width`` channels at the first level, ``depth`` down /
@@ -149,7 +147,7 @@ class InputAware(TrainingAttack):
     width: int = Field(16, ge=2, le=256, description="generator channels at the first level")
     depth: int = Field(2, ge=1, le=4, description="generator down/up-sampling steps")
     augment_triggers: bool = Field(False, description="make triggers before the run's crops and flips (for victims "
-                                   "with flip test-time augmentation) instead of on the augmented batch (the paper)")
+                                   "with flip test-time augmentation) instead of on the augmented batch")
 
     def describe(self) -> str:
         return f"input-aware(cross {self.cross_ratio:g}, mask density {self.mask_density:g})"
