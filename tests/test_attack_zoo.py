@@ -295,4 +295,4 @@ def test_input_aware_triggers_go_through_the_victims_flips(tiny, monkeypatch):
         attack.train_victim(model, tiny, T.TrainConfig(epochs=1, batch_size=16, warmup=0, flip=True), rate=0.25,
                             target=2, seed=0)
         assert calls[-1]["transform_first"] is augment and calls[-1]["transform"] is not None
-    assert ATTACKS.create("input-aware").augment_triggers is False  # the paper's order by default
+    assert ATTACKS.create("input-aware").augment_triggers is False  # triggers on the augmented batch by default
