@@ -19,6 +19,9 @@ Parts (each one command; run each under ``flock /tmp/heavy.lock`` on a shared ma
   poisoned set (``abl_params``; ``-p abl.KEY=VALUE``, ``-p abl.recipe.KEY=VALUE``), through the runner's
   path: isolation precision, CA and ASR after each phase; ``--load`` the undefended victim for its CA /
   ASR. ``--epochs`` is ABL's total (``--epochs 2 -p abl.unlearning_epochs=0``: the isolation phase alone).
+- ``isolation --attack sig``: ABL's isolation phase alone (``--epochs`` LGA epochs, ``-p abl.KEY=VALUE``),
+  watched after every epoch: how well the per-sample losses single out the poisoned samples
+  (precision of the lowest 1%, AUROC; ground truth for the diagnosis only) and the classes of the lowest 1%.
 - ``repair --load F``: the repairers (``--repairers``, ``-p NAME.KEY=VALUE``) on a saved victim, on its
   clean held-out set (2,500 images), through the runner's path: CA, ASR, DER, seconds.
 
@@ -29,6 +32,7 @@ Parts (each one command; run each under ``flock /tmp/heavy.lock`` on a shared ma
     BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py strip --attack badnets --load F [--strip-n 1000]
     BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py repair --attack badnets --load F [--repairers fine-pruning,nad]
     BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py abl --attack sig --load F [-p abl.gamma=0.5]
+    BACKDOORLAB_DATA=../shared/data python benchmarks/bench_cifar_full.py isolation --attack sig --set attack.rate=0.1 --epochs 4 [-p abl.lr=0.5]
 """
 
 from __future__ import annotations
@@ -337,6 +341,89 @@ def part_abl(args) -> dict:
     return out
 
 
+def part_isolation(args) -> dict:
+    """ABL's isolation phase alone, watched: after every LGA epoch (``abl_params`` with ``--epochs``
+    isolation epochs at a constant rate), each training sample's loss (the isolation pass), and how
+    well it separates the poisoned samples (ground truth, for the diagnosis only): precision of the
+    lowest 1% (ABL's isolated share) by the last pass and by ABL's own isolation score over the
+    passes so far (``isolation_score``, ``passes_per_epoch``), AUROC of the loss overall and within the target class, the
+    classes of the lowest 1%, and CA / ASR on the first 2,000 test / triggered test images."""
+    from bench_repairers import parse_params
+    from sklearn.metrics import roc_auc_score
+
+    from backdoorlab.defenses import DEFENSES
+    from backdoorlab.defenses._abl_losses import lga_loss, per_sample_loss
+    from backdoorlab.experiment import prepare, setup_torch
+    from backdoorlab.models import ModelSpec, build_model
+    from backdoorlab.train import evaluate, train
+
+    cfg = _config(args, args.attack)
+    setup_torch(cfg)
+    prep = prepare(cfg)
+    data, truth = prep.train_set, prep.train_set.is_poison
+    k = int(round(0.01 * len(data)))
+    over: dict = {}
+    for name, kv in parse_params(args.param).items():
+        if name == "abl" or name.startswith("abl."):
+            over.update({(f"{name[4:]}.{k_}" if name != "abl" else k_): v for k_, v in kv.items()})
+    params = abl_params(cfg, args.epochs, {"isolation_epochs": args.epochs, "unlearning_epochs": 0, **over})
+    abl = DEFENSES.build("abl", params, where="abl")
+    tc = abl._train_config(args.epochs, "constant")
+    print(f"   {int(truth.sum())} poisoned of {len(data)}; isolating {k}; lga {abl.lga}, gamma {abl.gamma:g}, "
+          f"lr {tc.lr:g}, batch {tc.batch_size}", flush=True)
+    model = build_model(ModelSpec("fastnet", 10, (3, 32, 32), cfg.model.extras()))
+    amp = abl._autocast(model)
+    n_eval = min(2000, len(prep.splits.test), len(prep.triggered_test))
+    test = prep.splits.test.subset(torch.arange(n_eval), name="test")
+    trig = prep.triggered_test.subset(torch.arange(n_eval), name="triggered")
+    target = int(data.y[truth][0]) if bool(truth.any()) else 0
+    in_target = data.y == target
+    passes: list[tuple[float, torch.Tensor]] = []  # (epoch, losses), as ABL records them
+    rows: list[dict] = []
+    spe = [1]
+    t0 = time.perf_counter()
+
+    def auroc(pos: torch.Tensor, score: torch.Tensor) -> float | None:
+        return round(float(roc_auc_score(pos.numpy(), score.numpy())), 4) if 0 < int(pos.sum()) < pos.numel() else None
+
+    def precision(score: torch.Tensor) -> float:
+        return round(float(truth[torch.argsort(score, stable=True)[:k]].float().mean()), 4)
+
+    def watch(event: str, **info) -> None:
+        if event == "train_start":
+            spe[0] = max(1, info["total_steps"] // max(1, info["epochs"]))
+            return
+        every = max(1, spe[0] // abl.passes_per_epoch)
+        if event == "step":  # ABL's mid-epoch passes (``passes_per_epoch``)
+            r = info["step"] % spe[0]
+            if 0 < r and r % every == 0 and r + every <= spe[0]:
+                with amp():
+                    passes.append((info["step"] / spe[0], per_sample_loss(model, data, 1024)))
+                model.train()
+            return
+        if event != "epoch_end":
+            return
+        with amp():
+            loss = per_sample_loss(model, data, 1024)
+            ca, asr = evaluate(model, test), evaluate(model, trig)
+        epoch = len(rows) + 1
+        passes.append((float(epoch), loss))
+        score = abl._isolation_score(passes) if epoch > 1 else loss  # ABL's rule on the passes so far
+        low = torch.argsort(loss, stable=True)[:k]
+        row = {"epoch": epoch, "seconds": round(time.perf_counter() - t0, 1), "ca": round(ca, 4), "asr": round(asr, 4),
+               "mean_loss": round(float(loss.mean()), 4), "poison_loss": round(float(loss[truth].mean()), 4),
+               "precision_last": precision(loss), f"precision_{abl.isolation_score}": precision(score),
+               "auroc": auroc(truth, -loss), "auroc_in_target": auroc(truth[in_target], -loss[in_target]),
+               "lowest_by_class": torch.bincount(data.y[low], minlength=data.num_classes).tolist()}
+        rows.append(row)
+        print("   " + "  ".join(f"{k_} {v}" for k_, v in row.items()), flush=True)
+
+    gamma, per_sample = abl.gamma, abl.lga == "sample"
+    train(model, data, tc, seed=abl.seed, loss_fn=lambda logits, y: lga_loss(logits, y, gamma, per_sample),
+          callbacks=(watch,))
+    return {"attack": args.attack, "seed": cfg.seed, "abl_params": params, "epochs": rows}
+
+
 def part_epoch(args) -> dict:
     from backdoorlab.models import ModelSpec, build_model
     from backdoorlab.train import _memory_format
@@ -372,7 +459,7 @@ def part_epoch(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("part", choices=["load", "train", "epoch", "attack", "strip", "repair", "abl"])
+    ap.add_argument("part", choices=["load", "train", "epoch", "attack", "strip", "repair", "abl", "isolation"])
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--subset", action="store_true", help="the 10,000-image npz subset instead of the full set")
@@ -411,6 +498,8 @@ def main() -> None:
         res = part_repair(args)
     elif args.part == "abl":
         res = part_abl(args)
+    elif args.part == "isolation":
+        res = part_isolation(args)
     else:
         res = part_train(args, attack=args.attack)
     if args.json:
