@@ -148,6 +148,35 @@ def test_recipe_reaches_both_training_phases_and_isolation_stays_constant(tiny, 
     assert DEFENSES.create("abl")._train_config(3, "cosine").warmup == 0.0  # no recipe: as measured before
 
 
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_unlearning_weight_decay_scales_with_the_unlearning_rate(decoupled):
+    """A recipe's decoupled decay shrinks the weights by ``weight_decay`` per step at ABL's ``lr``; at the
+    unlearning rate (3,000x smaller here) the shrink per step is that much smaller, in every parameter
+    group (fastnet's batch-norm biases run at 64x the rate). Kept at 0.2% per step, it wrecked the model."""
+    from backdoorlab.train import make_optimizer
+
+    abl = DEFENSES.create("abl", lr=1.5, weight_decay=0.002, momentum=0.0, unlearning_lr=5e-4,
+                          recipe={"decoupled_weight_decay": decoupled})
+    assert abl._train_config(2, "cosine").weight_decay == 0.002  # phases 1 and 2: the recipe's decay as given
+    model = build_model(ModelSpec("fastnet", 10, (3, 32, 32), {"widths": (8, 16, 16)}))
+    opt = make_optimizer(model, abl._unlearning_config())
+    assert sorted(g["lr_scale"] for g in opt.param_groups) == [1.0, 64.0]  # fastnet's batch-norm biases at 64x
+    shrink = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            with torch.no_grad():
+                p.uniform_(0.5, 1.0)
+            p.grad = torch.zeros_like(p)  # a step of decay alone
+    before = {id(p): p.detach().clone() for g in opt.param_groups for p in g["params"]}
+    opt.step()
+    for g in opt.param_groups:
+        shrink[g["lr_scale"]] = max(float((1 - p.detach().double() / before[id(p)].double()).mean()) for p in g["params"])
+    if decoupled:  # 0.002 x 5e-4 / 1.5 = 6.7e-7 per step in every group (it was 0.002 before the fix)
+        assert all(4e-7 < v < 1e-6 for v in shrink.values()), shrink
+    else:  # coupled, unchanged: lr x lr_scale x weight_decay (1e-6 and 6.4e-5)
+        assert 5e-7 < shrink[1.0] < 2e-6 and 3e-5 < shrink[64.0] < 1e-4, shrink
+
+
 def test_is_a_registered_robust_trainer():
     abl = DEFENSES.create("abl")
     assert isinstance(abl, RobustTrainer) and abl.family == "robust-trainer"

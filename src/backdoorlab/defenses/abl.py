@@ -52,7 +52,8 @@ Deviations, and why:
 - ``recipe`` (our addition): the victim's own training settings (keys of an experiment's ``train``
   section, e.g. fastnet's lookahead, bf16 autocast, decoupled weight decay, warm-up, schedule) for
   phases 1 and 2, so that ABL trains the model as its owner would; isolation keeps a constant rate.
-  With ``autocast`` the per-sample loss passes and the unlearning steps run under it too.
+  With ``autocast`` the per-sample loss passes and the unlearning steps run under it too. A
+  decoupled weight decay (a shrink per step, sized for ``lr``) scales down with ``unlearning_lr``.
 - *Unlearning loop* on :class:`~backdoorlab.data.loader.TensorLoader`, not
   :func:`~backdoorlab.train.train`: it pairs two loaders, keeps the best epoch and keeps BatchNorm
   in eval mode (its statistics would drift to the 1% isolated set; the authors' code does not).
@@ -177,6 +178,17 @@ class ABL(RobustTrainer):
                               "optimizer": self.optimizer, "lr": self.lr, "momentum": self.momentum,
                               "weight_decay": self.weight_decay, "crop_padding": self.crop_padding, "flip": self.flip,
                               "eval_batch_size": self.eval_batch_size})
+
+    def _unlearning_config(self):
+        """The unlearning phase's training settings: phase 2's at ``unlearning_lr``. A recipe's
+        decoupled weight decay (a per-step shrink by ``weight_decay``, sized for ``lr``) shrinks by
+        ``weight_decay x unlearning_lr / lr`` per step here, as a decay tied to the rate would
+        (kept per step, it swamps the small unlearning steps: docs/abl.md)."""
+        cfg = self._train_config(self.unlearning_epochs, "cosine")
+        update: dict[str, Any] = {"lr": self.unlearning_lr, "optimizer": self.unlearning_optimizer}
+        if cfg.decoupled_weight_decay:
+            update["weight_decay"] = cfg.weight_decay * self.unlearning_lr / cfg.lr
+        return cfg.model_copy(update=update)
 
     def _autocast(self, model: nn.Module):
         """A factory of the recipe's autocast context (bf16 where the CPU runs it natively) for loss passes
@@ -322,8 +334,7 @@ class ABL(RobustTrainer):
                               augment=Augment(self.crop_padding, self.flip))
         rest_batches = _endless(TensorLoader(rest.x, rest.y, self.batch_size, shuffle=True, generator=g,
                                              augment=Augment(self.crop_padding, self.flip))) if rest is not None else None
-        cfg = self._train_config(self.unlearning_epochs, "cosine").model_copy(
-            update={"lr": self.unlearning_lr, "optimizer": self.unlearning_optimizer})
+        cfg = self._unlearning_config()
         opt = make_optimizer(model, cfg)
         total, step = len(loader) * self.unlearning_epochs, 0
         kept = (0, copy.deepcopy(model.state_dict()), before)
