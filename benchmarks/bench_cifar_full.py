@@ -297,11 +297,20 @@ def abl_params(cfg, epochs: int, overrides: dict) -> dict:
     return params
 
 
+def _abl_overrides(param: list[str]) -> dict:
+    """``-p abl.KEY=V`` / ``-p abl.recipe.KEY=V`` as ``abl_params`` overrides (KEY, recipe.KEY)."""
+    from bench_repairers import parse_params
+
+    over: dict = {}
+    for name, kv in parse_params(param).items():
+        if name == "abl" or name.startswith("abl."):
+            over.update({(f"{name[4:]}.{k}" if name != "abl" else k): v for k, v in kv.items()})
+    return over
+
+
 def part_abl(args) -> dict:
     """ABL (seed 003's setting) on the full set with the fastnet recipe, through the runner's path: the
     undefended victim from ``--load`` (saved by ``attack --save``), ABL training a fresh fastnet."""
-    from bench_repairers import parse_params
-
     from backdoorlab.defenses import DEFENSES
     from backdoorlab.experiment import evaluate_victim, prepare, run_defense, setup_torch
     from backdoorlab.models import load_model
@@ -319,11 +328,7 @@ def part_abl(args) -> dict:
 
         model, base = build_model(ModelSpec("fastnet", 10, (3, 32, 32), cfg.model.extras())), {}
         print(f"   no victim loaded; {len(prep.train_set)} training images", flush=True)
-    over: dict = {}
-    for name, kv in parse_params(args.param).items():  # abl.KEY=V, abl.recipe.KEY=V
-        if name == "abl" or name.startswith("abl."):
-            over.update({(f"{name[4:]}.{k}" if name != "abl" else k): v for k, v in kv.items()})
-    params = abl_params(cfg, args.epochs, over)
+    params = abl_params(cfg, args.epochs, _abl_overrides(args.param))
     defense = DEFENSES.build("abl", params, where="abl")
     print(f"   abl parameters: {params}", flush=True)
     t0 = time.perf_counter()
@@ -345,10 +350,9 @@ def part_isolation(args) -> dict:
     """ABL's isolation phase alone, watched: after every LGA epoch (``abl_params`` with ``--epochs``
     isolation epochs at a constant rate), each training sample's loss (the isolation pass), and how
     well it separates the poisoned samples (ground truth, for the diagnosis only): precision of the
-    lowest 1% (ABL's isolated share) by the last pass and by ABL's own isolation score over the
+    lowest ``isolation_ratio`` (ABL's isolated share, 1%) by the last pass and by ABL's own isolation score over the
     passes so far (``isolation_score``, ``passes_per_epoch``), AUROC of the loss overall and within the target class, the
     classes of the lowest 1%, and CA / ASR on the first 2,000 test / triggered test images."""
-    from bench_repairers import parse_params
     from sklearn.metrics import roc_auc_score
 
     from backdoorlab.defenses import DEFENSES
@@ -361,13 +365,10 @@ def part_isolation(args) -> dict:
     setup_torch(cfg)
     prep = prepare(cfg)
     data, truth = prep.train_set, prep.train_set.is_poison
-    k = int(round(0.01 * len(data)))
-    over: dict = {}
-    for name, kv in parse_params(args.param).items():
-        if name == "abl" or name.startswith("abl."):
-            over.update({(f"{name[4:]}.{k_}" if name != "abl" else k_): v for k_, v in kv.items()})
-    params = abl_params(cfg, args.epochs, {"isolation_epochs": args.epochs, "unlearning_epochs": 0, **over})
+    params = abl_params(cfg, args.epochs, {"isolation_epochs": args.epochs, "unlearning_epochs": 0,
+                                           **_abl_overrides(args.param)})
     abl = DEFENSES.build("abl", params, where="abl")
+    k = int(round(abl.isolation_ratio * len(data)))  # ABL's isolated share
     tc = abl._train_config(args.epochs, "constant")
     print(f"   {int(truth.sum())} poisoned of {len(data)}; isolating {k}; lga {abl.lga}, gamma {abl.gamma:g}, "
           f"lr {tc.lr:g}, batch {tc.batch_size}", flush=True)
