@@ -159,6 +159,24 @@ def test_training_attack_conformance(name, params, tiny):
         assert torch.equal(p.y_source, tiny.y)
     assert isinstance(victim.history, dict) and isinstance(victim.details, dict)
 
+def test_pruning_aware_retrains_at_its_rate_with_the_decay_scaled(tiny, monkeypatch):
+    """Step 3 retrains at ``retrain_lr``; a recipe's decoupled decay (a shrink per step sized for the
+    recipe's rate) scales with it, as in ABL's unlearning, instead of staying at the recipe's size."""
+    import backdoorlab.train as train_mod
+    from backdoorlab.models import ModelSpec, build_model
+    from backdoorlab.train import TrainConfig
+
+    seen = []
+    monkeypatch.setattr(train_mod, "train", lambda model, data, cfg, **kw: seen.append(cfg) or train_mod.History())
+    attack = ATTACKS.create("pruning-aware", trigger={"name": "badnets", "size": 2}, retrain_lr=0.15, retrain_epochs=2)
+    model = build_model(ModelSpec("cnn", 3, tiny.shape, {"width": 4, "hidden": 16}))
+    recipe = TrainConfig(epochs=5, lr=1.5, weight_decay=0.002, decoupled_weight_decay=True, warmup=0)
+    attack.train_victim(model, tiny, recipe, rate=0.25, target=2, seed=0)
+    (c1, c3) = seen
+    assert (c1.lr, c1.epochs, c1.weight_decay) == (1.5, 5, 0.002)
+    assert (c3.lr, c3.epochs, c3.weight_decay) == (0.15, 2, pytest.approx(0.0002))
+
+
 def test_square_patch_lands_in_the_corner():
     a = ATTACKS.create("badnets", size=2, value=1.0)
     x = torch.zeros(2, 1, 28, 28)

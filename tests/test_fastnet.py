@@ -92,6 +92,19 @@ def test_defaults_unchanged_and_recipe_options():
     assert lrs[-1] < 0.02 and all(a >= b for a, b in zip(lrs[20:], lrs[21:]))
 
 
+def test_at_lr_scales_a_decoupled_decay_with_the_rate():
+    """A config at another rate (ABL's unlearning, pruning-aware's retraining): a decoupled decay is a
+    per-step shrink sized for the config's own rate, so it scales with the new one; a coupled decay
+    (already multiplied by the rate in SGD's step) is kept."""
+    rc = TrainConfig(lr=1.5, weight_decay=0.002, decoupled_weight_decay=True, epochs=10)
+    low = rc.at_lr(0.015, epochs=3)
+    assert (low.lr, low.epochs, low.weight_decay) == (0.015, 3, pytest.approx(2e-5))
+    assert rc.at_lr(0.015, weight_decay=0.1).weight_decay == 0.1  # an explicit decay wins
+    plain = TrainConfig(lr=0.05, weight_decay=5e-4)
+    assert plain.at_lr(0.005).weight_decay == 5e-4 and plain.at_lr(0.005).lr == 0.005
+    assert rc.at_lr(rc.lr) == rc
+
+
 def test_autocast_choice_and_fallback(monkeypatch):
     cpu = torch.device("cpu")
     assert autocast_dtype(TrainConfig(), cpu) is None

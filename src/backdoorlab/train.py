@@ -53,6 +53,14 @@ class TrainConfig(BaseModel):
     autocast: Literal["off", "auto", "bf16"] = Field("off", description="bfloat16 autocast of the training forward "
                                                      "pass: auto = where the CPU runs bf16 natively (AMX / AVX-512 BF16)")
 
+    def at_lr(self, lr: float, **update) -> "TrainConfig":
+        """This config at learning rate ``lr`` (and ``update``). A decoupled decay is a per-step shrink
+        sized for this config's rate; it scales with the new rate, as a decay tied to the rate would
+        (kept as is, a recipe's 0.2% per step swamps a 3,000x smaller fine-tuning rate: docs/abl.md)."""
+        if self.decoupled_weight_decay:
+            update.setdefault("weight_decay", self.weight_decay * lr / self.lr)
+        return self.model_copy(update={**update, "lr": lr})
+
 
 @dataclass
 class EpochStats:

@@ -131,7 +131,8 @@ class PruningAware(TrainingAttack):
     prune_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="fraction of last-conv channels pruned in step 2")
     clean_epochs: Optional[int] = Field(None, ge=1, description="step-1 epochs (default: train.epochs)")
     retrain_epochs: Optional[int] = Field(None, ge=1, description="step-3 epochs (default: train.epochs)")
-    retrain_lr: Optional[float] = Field(None, gt=0.0, description="step-3 learning rate (default: train.lr)")
+    retrain_lr: Optional[float] = Field(None, gt=0.0, description="step-3 learning rate (default: train.lr; a recipe's "
+                                        "decoupled weight decay scales with it)")
 
     def __post_init__(self) -> None:
         spec = dict(self.trigger)
@@ -178,7 +179,7 @@ class PruningAware(TrainingAttack):
         # 3. retrain the pruned network on poisoned data
         g = torch.Generator().manual_seed(seed + 1)
         poisoned = poison(data, self.inner, rate=rate, target=target, source=source, mode=mode, generator=g)
-        c3 = cfg.model_copy(update={"epochs": self.retrain_epochs or cfg.epochs, "lr": self.retrain_lr or cfg.lr})
+        c3 = cfg.at_lr(self.retrain_lr or cfg.lr, epochs=self.retrain_epochs or cfg.epochs)
         handle = mask_channels(model, pruned)
         try:
             h3 = train(model, poisoned.without_ground_truth(), c3, seed=seed + 1, callbacks=callbacks)

@@ -185,10 +185,7 @@ class ABL(RobustTrainer):
         ``weight_decay x unlearning_lr / lr`` per step here, as a decay tied to the rate would
         (kept per step, it swamps the small unlearning steps: docs/abl.md)."""
         cfg = self._train_config(self.unlearning_epochs, "cosine")
-        update: dict[str, Any] = {"lr": self.unlearning_lr, "optimizer": self.unlearning_optimizer}
-        if cfg.decoupled_weight_decay:
-            update["weight_decay"] = cfg.weight_decay * self.unlearning_lr / cfg.lr
-        return cfg.model_copy(update=update)
+        return cfg.at_lr(self.unlearning_lr, optimizer=self.unlearning_optimizer)
 
     def _autocast(self, model: nn.Module):
         """A factory of the recipe's autocast context (bf16 where the CPU runs it natively) for loss passes
