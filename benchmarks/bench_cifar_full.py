@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -330,6 +332,11 @@ def part_abl(args) -> dict:
         print(f"   no victim loaded; {len(prep.train_set)} training images", flush=True)
     params = abl_params(cfg, args.epochs, _abl_overrides(args.param))
     defense = DEFENSES.build("abl", params, where="abl")
+    handler = logging.StreamHandler(sys.stdout)  # ABL's phase and unlearning-epoch lines (CA / ASR / held-out per epoch)
+    handler.setFormatter(logging.Formatter("   %(message)s"))
+    abl_log = logging.getLogger("backdoorlab.defenses.abl")
+    abl_log.addHandler(handler)
+    abl_log.setLevel(logging.INFO)
     print(f"   abl parameters: {params}", flush=True)
     t0 = time.perf_counter()
     m, _figs = run_defense(defense, model, prep, base.get("clean_accuracy"), base.get("attack_success_rate"),
