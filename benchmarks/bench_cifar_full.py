@@ -42,8 +42,8 @@ import json
 import logging
 import os
 import statistics
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
