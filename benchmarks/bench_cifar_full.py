@@ -365,7 +365,7 @@ def part_isolation(args) -> dict:
     from sklearn.metrics import roc_auc_score
 
     from backdoorlab.defenses import DEFENSES
-    from backdoorlab.defenses._abl_losses import lga_loss, per_sample_loss
+    from backdoorlab.defenses._abl_losses import lga_loss
     from backdoorlab.experiment import prepare, setup_torch
     from backdoorlab.models import ModelSpec, build_model
     from backdoorlab.train import evaluate, train
@@ -388,9 +388,9 @@ def part_isolation(args) -> dict:
     trig = prep.triggered_test.subset(torch.arange(n_eval), name="triggered")
     target = int(data.y[truth][0]) if bool(truth.any()) else 0
     in_target = data.y == target
-    passes: list[tuple[float, torch.Tensor]] = []  # (epoch, losses), as ABL records them
+    passes: list[tuple[float, torch.Tensor]] = []  # (epoch, losses), recorded by ABL's own callback
+    record = abl._pass_recorder(model, data, 1024, amp, passes)
     rows: list[dict] = []
-    spe = [1]
     t0 = time.perf_counter()
 
     def auroc(pos: torch.Tensor, score: torch.Tensor) -> float | None:
@@ -410,25 +410,13 @@ def part_isolation(args) -> dict:
             out[m] = lg[m] - lg[m].median()
         return out
 
-    def watch(event: str, **info) -> None:
-        if event == "train_start":
-            spe[0] = max(1, info["total_steps"] // max(1, info["epochs"]))
-            return
-        every = max(1, spe[0] // abl.passes_per_epoch)
-        if event == "step":  # ABL's mid-epoch passes (``passes_per_epoch``)
-            r = info["step"] % spe[0]
-            if 0 < r and r % every == 0 and r + every <= spe[0]:
-                with amp():
-                    passes.append((info["step"] / spe[0], per_sample_loss(model, data, 1024)))
-                model.train()
-            return
+    def watch(event: str, **info) -> None:  # after ABL's recorder: passes[-1] is this epoch's end
         if event != "epoch_end":
             return
+        loss = passes[-1][1]
         with amp():
-            loss = per_sample_loss(model, data, 1024)
             ca, asr = evaluate(model, test), evaluate(model, trig)
         epoch = len(rows) + 1
-        passes.append((float(epoch), loss))
         score = abl._isolation_score(passes) if epoch > 1 else loss  # ABL's rule on the passes so far
         low = torch.argsort(loss, stable=True)[:k]
         row = {"epoch": epoch, "seconds": round(time.perf_counter() - t0, 1), "ca": round(ca, 4), "asr": round(asr, 4),
@@ -443,7 +431,7 @@ def part_isolation(args) -> dict:
 
     gamma, per_sample = abl.gamma, abl.lga == "sample"
     train(model, data, tc, seed=abl.seed, loss_fn=lambda logits, y: lga_loss(logits, y, gamma, per_sample),
-          callbacks=(watch,))
+          callbacks=(record, watch))
     return {"attack": args.attack, "seed": cfg.seed, "abl_params": params, "epochs": rows}
 
 

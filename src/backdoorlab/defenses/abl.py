@@ -216,24 +216,9 @@ class ABL(RobustTrainer):
         phases: dict[str, dict[str, float]] = {}
 
         # 1. isolation: LGA training, per-sample losses after every epoch
-        traces: list[torch.Tensor] = []  # after every epoch (the figure)
         passes: list[tuple[float, torch.Tensor]] = []  # (epoch, losses) every 1/passes_per_epoch epoch (the score)
-        spe, every = [1], [1]  # steps per epoch, steps between passes
         amp = self._autocast(model)
-
-        def record(event: str, **info: Any) -> None:
-            if event == "train_start":
-                spe[0] = max(1, info["total_steps"] // max(1, info["epochs"]))
-                every[0] = max(1, spe[0] // self.passes_per_epoch)
-            elif event == "step" and 0 < (info["step"] % spe[0]) and (info["step"] % spe[0]) % every[0] == 0 \
-                    and (info["step"] % spe[0]) + every[0] <= spe[0]:  # within the epoch; its end is recorded below
-                with amp():
-                    passes.append((info["step"] / spe[0], per_sample_loss(model, data, bs)))
-                model.train()  # the pass switched to eval mode mid-epoch
-            elif event == "epoch_end":
-                with amp():
-                    traces.append(per_sample_loss(model, data, bs))
-                passes.append((float(len(traces)), traces[-1]))
+        record = self._pass_recorder(model, data, bs, amp, passes)
 
         gamma, per_sample = self.gamma, self.lga == "sample"
         t0 = time.perf_counter()
@@ -276,8 +261,8 @@ class ABL(RobustTrainer):
             "history": {"isolation": hist_iso.as_dict(), "training": hist_train.as_dict() if hist_train else None},
             "seconds": time.perf_counter() - t_start,
         }
-        return RobustTrainResult(model, isolated, sample_scores=-losses, loss_traces=torch.stack(traces),
-                                 phases=phases, details=details)
+        traces = torch.stack([loss for epoch, loss in passes if epoch.is_integer()])  # at each epoch's end (the figure)
+        return RobustTrainResult(model, isolated, sample_scores=-losses, loss_traces=traces, phases=phases, details=details)
 
     # ---- report hooks
     def figures(self, result: RobustTrainResult, truth: torch.Tensor | None = None) -> dict[str, bytes]:
@@ -298,6 +283,28 @@ class ABL(RobustTrainer):
     def summary(self, result: RobustTrainResult) -> dict[str, Any]:
         return {"phases": result.phases, "num_isolated": int(result.isolated_indices.numel()),
                 "unlearning_curve": result.details.get("unlearning_curve", [])}
+
+    def _pass_recorder(self, model: nn.Module, data: ImageSet, bs: int, amp, passes: list[tuple[float, torch.Tensor]]):
+        """The isolation phase's training callback: appends ``(epoch, per-sample losses)`` to ``passes``
+        every 1/``passes_per_epoch`` epoch within an epoch and at each epoch's end (whole epochs as
+        ``float(n)``), under the recipe's autocast ``amp``."""
+        spe, every, ends = [1], [1], [0]  # steps per epoch, steps between passes, epochs ended
+
+        def record(event: str, **info: Any) -> None:
+            if event == "train_start":
+                spe[0] = max(1, info["total_steps"] // max(1, info["epochs"]))
+                every[0] = max(1, spe[0] // self.passes_per_epoch)
+            elif event == "step" and 0 < (info["step"] % spe[0]) and (info["step"] % spe[0]) % every[0] == 0 \
+                    and (info["step"] % spe[0]) + every[0] <= spe[0]:  # within the epoch; its end is recorded below
+                with amp():
+                    passes.append((info["step"] / spe[0], per_sample_loss(model, data, bs)))
+                model.train()  # the pass switched to eval mode mid-epoch
+            elif event == "epoch_end":
+                ends[0] += 1
+                with amp():
+                    passes.append((float(ends[0]), per_sample_loss(model, data, bs)))
+
+        return record
 
     def _isolation_score(self, passes: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
         """Each sample's isolation score (lower = more likely poisoned) from the loss passes."""
