@@ -56,6 +56,11 @@ def test_readme_example(victim_files, capsys):
     for key in ("backdoored", "flagged_pairs", "flagged_targets", "anomaly_index", "statistic", "top_pairs", "seconds"):
         assert key in d, key
     assert (tmp / "audit-report" / "figures" / "patterns.png").read_bytes()[:4] == b"\x89PNG"
+    # the whole scan: every pair's norm (None on the diagonal) and whether it reached pi
+    k = len(d["pair_norms"])
+    assert k == len(d["pair_reached"]) and all(d["pair_norms"][c][c] is None for c in range(k))
+    top = d["top_pairs"][0]
+    assert abs(d["pair_norms"][top["source"]][top["target"]] - top["norm"]) < 1e-4 and d["pair_reached"][0][2]
     # the ground truth in train.npz only reports; the cleanser never saw it
     assert found.to_dict()["tpr"] == 1.0 and found.to_dict()["fpr"] == 0.0
 

@@ -205,6 +205,40 @@ def test_anp_prunes_only_what_the_held_out_accuracy_allows(victim_sets):
     assert 0 < guarded.details["pruned"] < guarded.details["selected"] == free.details["selected"]
 
 
+
+def test_anp_prunes_in_mask_order_from_the_unpruned_weights():
+    """``prune_smallest`` (ANP's pruning, also the ceiling benchmark's sweep): k neurons first in the
+    order are zeroed, conv channels as output rows and the first linear layer's inputs as columns;
+    a smaller k afterwards starts again from the unpruned weights."""
+    from backdoorlab.defenses._surgery import Surgery
+    from backdoorlab.defenses.anp import neuron_layers, prune_smallest
+
+    torch.manual_seed(0)
+    net = build_model(ModelSpec("cnn", 10, (1, 28, 28))).eval()
+    s = Surgery(net, torch.rand(4, 1, 28, 28))
+    layers = neuron_layers(s)
+    base = {ly.scale: s.tensor(ly.scale).detach().clone() for ly in layers}
+    n = sum(ly.n for ly in layers)
+    order = torch.randperm(n)
+    counts = prune_smallest(s, layers, base, order, 300)
+    assert sum(counts.values()) == 300
+    zeroed, start = 0, 0
+    for ly in layers:
+        t = s.tensor(ly.scale)
+        rows = t.flatten(1) if ly.dim == 0 else t.t()
+        dead = (rows == 0).all(1)
+        chosen = torch.zeros(ly.n, dtype=torch.bool)
+        sel = order[:300]
+        chosen[sel[(sel >= start) & (sel < start + ly.n)] - start] = True
+        assert torch.equal(dead, chosen), ly.name
+        zeroed += int(dead.sum())
+        start += ly.n
+    assert zeroed == 300
+    prune_smallest(s, layers, base, order, 0)
+    for ly in layers:
+        assert torch.equal(s.tensor(ly.scale), base[ly.scale])
+
+
 @pytest.mark.slow
 def test_cli_repair_json_on_torchscript(victim_sets, tmp_path):
     import numpy as np

@@ -93,6 +93,31 @@ def neuron_layers(s: Surgery, linear: bool = True) -> list[_Neurons]:
     return out
 
 
+def prune_smallest(s: Surgery, layers: list[_Neurons], base: dict[str, torch.Tensor], order: torch.Tensor,
+                   k: int) -> dict[str, int]:
+    """Set ``s``'s masked tensors to ``base`` (their unpruned values), then zero the ``k`` neurons first
+    in ``order`` (indices into the layers' neurons, concatenated in order); returns the count per layer."""
+    n = sum(ly.n for ly in layers)
+    c_all = torch.zeros(n, dtype=torch.bool)
+    c_all[order[:k]] = True
+    out: dict[str, int] = {}
+    with torch.no_grad():
+        for ly in layers:
+            s.tensor(ly.scale).copy_(base[ly.scale])
+        start = 0
+        for ly in layers:
+            c = c_all[start:start + ly.n]
+            start += ly.n
+            if c.any():
+                t = s.tensor(ly.scale)
+                if ly.dim == 0:
+                    t[c] = 0.0
+                else:
+                    t[:, c] = 0.0
+                out[ly.name] = out.get(ly.name, 0) + int(c.sum())
+    return out
+
+
 def _shape(t: torch.Tensor, v: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return v.view(-1, *([1] * (t.dim() - 1))) if dim == 0 else v.view(1, -1)
 
@@ -190,25 +215,7 @@ class ANP(_CurveHooks, Repairer):
         selected = int(round(self.fraction * flat.numel())) if self.fraction is not None else int((flat < self.threshold).sum())
 
         def prune(k: int) -> dict[str, int]:
-            """The model with the k smallest-mask neurons pruned (from the unpruned weights)."""
-            c_all = torch.zeros_like(flat, dtype=torch.bool)
-            c_all[order[:k]] = True
-            out: dict[str, int] = {}
-            with torch.no_grad():
-                for name in scales:
-                    s.tensor(name).copy_(base[name])
-                start = 0
-                for ly in layers:
-                    c = c_all[start:start + ly.n]
-                    start += ly.n
-                    if c.any():
-                        t = s.tensor(ly.scale)
-                        if ly.dim == 0:
-                            t[c] = 0.0
-                        else:
-                            t[:, c] = 0.0
-                        out[ly.name] = out.get(ly.name, 0) + int(c.sum())
-            return out
+            return prune_smallest(s, layers, base, order, k)
 
         k = selected
         if self.tolerance is not None and selected:

@@ -280,12 +280,26 @@ class PairwiseTriggerInspector(_TriggerSearch, Inspector):
 
     def summary(self, result: InspectionResult) -> dict[str, Any]:
         d = result.details
+        matrix = self._matrices(result)
         if "pair_z" in d:
             return {"statistic": d["statistic"], "norm": self.norm, "threshold_source": result.threshold_source,
                     "pair_threshold": d["pair_threshold"], "target_threshold": d["target_threshold"],
                     "target_z": [round(float(z), 3) for z in d["target_z"]],
-                    "top_pairs": [{"source": s, "target": t, "norm": n, "pair_z": z} for s, t, n, z in d["ranking"][:5]]}
+                    "top_pairs": [{"source": s, "target": t, "norm": n, "pair_z": z} for s, t, n, z in d["ranking"][:5]],
+                    **matrix}
         return {"statistic": self.statistic, "norm": self.norm, "anomaly_threshold": self.threshold,
                 "target_threshold": self.target_threshold,
                 "top_pairs": [{"source": s, "target": t, "norm": n, "anomaly_index": a}
-                              for s, t, n, a in result.details.get("ranking", [])[:5]]}
+                              for s, t, n, a in result.details.get("ranking", [])[:5]], **matrix}
+
+    @staticmethod
+    def _matrices(result: InspectionResult) -> dict[str, Any]:
+        """Every pair's pattern norm (``pair_norms[source][target]``, None on the diagonal) and whether its
+        pattern reached ``pi`` (``pair_reached``), for a user's own statistics over the whole scan."""
+        out: dict[str, Any] = {}
+        if isinstance(result.scores, torch.Tensor) and result.scores.dim() == 2:
+            out["pair_norms"] = [[round(v, 5) if math.isfinite(v) else None for v in row] for row in result.scores.double().tolist()]
+        reached = result.details.get("reached")
+        if isinstance(reached, torch.Tensor):
+            out["pair_reached"] = reached.bool().tolist()
+        return out
