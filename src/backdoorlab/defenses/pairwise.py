@@ -294,12 +294,12 @@ class PairwiseTriggerInspector(_TriggerSearch, Inspector):
 
     @staticmethod
     def _matrices(result: InspectionResult) -> dict[str, Any]:
-        """Every pair's pattern norm (``pair_norms[source][target]``; NaN on the diagonal, None once the
-        report's ``json_ready`` has run) and whether its pattern reached ``pi`` (``pair_reached``), for a
-        user's own statistics over the whole scan."""
+        """Every pair's pattern norm (``pair_norms[source][target]``, None on the diagonal) and whether its
+        pattern reached ``pi`` (``pair_reached``), for a user's own statistics over the whole scan."""
         out: dict[str, Any] = {}
         if isinstance(result.scores, torch.Tensor) and result.scores.dim() == 2:
-            out["pair_norms"] = result.scores.float()
-        if isinstance(result.details.get("reached"), torch.Tensor):
-            out["pair_reached"] = result.details["reached"].bool()
+            out["pair_norms"] = [[round(v, 5) if math.isfinite(v) else None for v in row] for row in result.scores.double().tolist()]
+        reached = result.details.get("reached")
+        if isinstance(reached, torch.Tensor):
+            out["pair_reached"] = reached.bool().tolist()
         return out
