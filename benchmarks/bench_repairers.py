@@ -3,7 +3,7 @@ CA cost, CLP's data-free time, and the foreign TorchScript case.
 
     BACKDOORLAB_DATA=../shared/data python benchmarks/bench_repairers.py [--data mnist]
         [--attacks badnets,blend,sig,wanet,input-aware] [--repairers fine-tuning,...] [--clean-model]
-        [--foreign] [-p nad.lr=0.05 ...] [--store DIR] [--json OUT]
+        [--foreign] [--history] [-p nad.lr=0.05 ...] [--store DIR] [--json OUT]
 
 Each victim is the attack picked by name alone (its declared defaults for the data set, as
 ``benchmarks/bench_attack_defaults.py``; 10% poisoned where the attack poisons a share of all
@@ -128,6 +128,19 @@ def foreign(prep, model, repairers, params, seed, n_clean: int = 500) -> dict[st
     return rows
 
 
+def history(prep, model, repairers, params) -> dict[str, list]:
+    """``--history``: each fine-tuning repairer's training, epoch by epoch (loss, accuracy on the clean
+    held-out set it trains on): where a rate sends a victim to one class, this shows when."""
+    rows = {}
+    for entry in repairers:
+        name, kw = spec(entry, params)
+        res = DEFENSES.create(name, **kw).repair(model, prep.splits.holdout)
+        epochs = res.details.get("history", {}).get("epochs", [])
+        rows[entry] = [(round(e["loss"], 3), round(e["train_accuracy"], 3)) for e in epochs]
+        print(f"      {short(entry):6s} epoch (loss, accuracy): {rows[entry]}", flush=True)
+    return rows
+
+
 def test_victim(repairers, params) -> dict[str, dict]:
     """The tests' BadNets victim (tests/_backdoored.py: 8,000 MNIST training images, 4 epochs, 2,000
     clean held-out), every repairer called directly with an evaluation callback."""
@@ -161,6 +174,7 @@ def main() -> None:
     ap.add_argument("--foreign", action="store_true", help="the blend victim as TorchScript, 500 clean images")
     ap.add_argument("-p", "--param", action="append", default=[], help="repairer.param=value")
     ap.add_argument("--test-victim", action="store_true", help="only the tests' small BadNets victim (tests/_backdoored.py)")
+    ap.add_argument("--history", action="store_true", help="print each fine-tuning repairer's training epochs instead of CA / ASR")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--store", type=Path, default=Path("backdoorlab-runs/bench-repairers"))
     ap.add_argument("--json", type=Path)
@@ -183,6 +197,9 @@ def main() -> None:
         print(f"   {attack}: victim CA {base['clean_accuracy']:.4f}"
               + (f" ASR {base['attack_success_rate']:.4f}" if "attack_success_rate" in base else "")
               + f", {int(base['holdout_size'])} clean held-out images", flush=True)
+        if args.history:
+            out["attacks"][attack] = {"victim": base, "history": history(prep, model, repairers, params)}
+            continue
         rows = repair_all(prep, model, base, repairers, params, args.seed)
         entry = {"victim": base, "repairers": rows}
         if attack == "badnets" and any(r.split(":")[0] == "clp" for r in repairers):

@@ -110,10 +110,10 @@ def test_a_changed_library_default_makes_new_defense_cells(monkeypatch, tmp_path
     from backdoorlab.registry import Entry
 
     before = {(c.attack, c.defense): c.cell_id for c in load_grid(TINY).cells}
-    text = TINY.read_text().replace("- {name: fine-tuning}", "- {name: fine-tuning, lr: 0.01}")
-    assert "lr: 0.01" in text
+    text = TINY.read_text().replace("- {name: fine-tuning}", "- {name: fine-tuning, lr: 0.1}")
+    assert "lr: 0.1}" in text
     spelled = {(c.attack, c.defense): c.cell_id for c in load_grid(_write(tmp_path / "g.yaml", text)).cells}
-    assert spelled == before  # lr 0.01 is fine-tuning's default
+    assert spelled == before  # lr 0.1 is fine-tuning's default
 
     @pdc(frozen=True)
     class NewDefaults(FineTuning):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -23,7 +25,7 @@ NEW = ("nad", "anp", "i-bau", "clp", "nc-unlearning")
 # CA: the patch's neurons are dormant on clean images, docs/repairers.md; they are checked below on
 # what they do: a model of every format, an outlying channel, a clean model)
 REMOVES = {
-    "fine-tuning": {"lr": 0.1, "epochs": 3},
+    "fine-tuning": {},  # its defaults (lr 0.1, 20 epochs, crops; 2026-12-07: CA 0.975 -> 0.979, ASR 1.00 -> 0.012)
     "nad": {"epochs": 3, "student_epochs": 3},
     "nc-unlearning": {"epochs": 3, "force": True},
 }
@@ -218,7 +220,7 @@ def test_clean_model_loses_little_accuracy(victim_sets):
     net.eval()
     base = evaluate(net, v.test)
     assert base > 0.9
-    for name, params in (("nad", REMOVES["nad"]), ("anp", {"iterations": 100}), ("clp", {})):
+    for name, params in (("fine-tuning", {}), ("nad", REMOVES["nad"]), ("anp", {"iterations": 100}), ("clp", {})):
         out = DEFENSES.create(name, **params).repair(net, clean).model
         assert base - evaluate(out, v.test) < 0.03, name
 
@@ -309,3 +311,22 @@ def test_a_repair_that_collapses_the_accuracy_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="backdoorlab"):
         _summary({"holdout_accuracy": 0.99}, {"holdout_accuracy": 0.11})
     assert len(caplog.records) == 1 and "88.0 points" in caplog.text and "diverged" in caplog.text
+
+
+def test_fine_tuning_warms_up_before_its_cosine_schedule():
+    """Fine-tuning's rate rises over ``warmup`` epochs before the cosine decay (at lr 0.1 without it,
+    WaNet and blend victims of the full-MNIST benchmark collapsed to one class); its defaults are the
+    benchmark's (lr 0.1, 20 epochs, 2 warm-up epochs, crops of 1 pixel), fine-pruning keeps its own."""
+    net, data = _small_net("cnn")  # 60 images: one step per epoch
+
+    def rates(warmup: float) -> list[float]:  # each epoch's last rate
+        ft = DEFENSES.create("fine-tuning", epochs=4, warmup=warmup)
+        return [e["lr"] for e in ft.repair(net, data).details["history"]["epochs"]]
+
+    cosine = [0.05 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]  # 0.1, 0.085, 0.05, 0.015
+    assert rates(0) == pytest.approx(cosine, rel=1e-3)
+    assert rates(2) == pytest.approx([cosine[0] / 2, cosine[1], cosine[2], cosine[3]], rel=1e-3)  # step 0 at half
+    d = DEFENSES.create("fine-tuning")
+    assert (d.lr, d.epochs, d.warmup, d.crop_padding) == (0.1, 20, 2.0, 1)
+    fp = DEFENSES.create("fine-pruning")
+    assert (fp.lr, fp.epochs, fp.warmup, fp.crop_padding) == (0.01, 5, 0.3, 0)
