@@ -5,7 +5,6 @@ TorchScript and a torch.export model, CLP without data, a clean model keeps its 
 from __future__ import annotations
 
 import json
-
 import math
 
 import pytest
