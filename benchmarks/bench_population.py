@@ -16,7 +16,8 @@ class, the cells' setting) once per model (cached in ``--cache``), and compares 
   inspectors, each at a threshold fitted on the calibration half's clean models.
 - ``--nc IMAGES``: instead of the pairwise scan, Neural Cleanse once per model (its per-target mask
   norms, cached) and its model scores: the paper's MAD rule, the MAD of log norms, a per-target null
-  (:func:`nc_rows`).
+  (:func:`nc_rows`), and score-level fusions (:func:`sum_rows`: the sum of the channels' scores in
+  units of their thresholds, with ``--fuse`` the population's other inspectors as channels too).
 
 Calibration half: seed 0's models; evaluation half: seed 1's. Every threshold is fitted on the
 calibration half only (the smallest score above every clean calibration model) and reported on the
@@ -247,6 +248,11 @@ def calibration_auroc(models: list[dict], fn) -> float:
     return M.auroc(s, torch.tensor([m["attack"] != "none" for m in cal]))
 
 
+def evaluated(models: list[dict], name: str, fn, own_threshold: float | None = None) -> dict:
+    """:func:`evaluate` with the calibration half's AUROC beside it."""
+    return {**evaluate(models, name, fn, own_threshold), "calibration_auroc": calibration_auroc(models, fn)}
+
+
 def transfer_rows(models: list[dict]) -> list[dict]:
     """Issue 22 item 4, measured: do planted patterns transfer less to clean reference models, or
     sit in a smaller window, than natural ones? Each as its own pair null, summed with the norm's
@@ -298,10 +304,7 @@ def transfer_rows(models: list[dict]) -> list[dict]:
                 **{f"norm, pairs with transfer <= {g}": gated(g) for g in (0.02, 0.05, 0.1, 0.2)}}
     rows = []
     for name, zs in variants.items():
-        fn = zscore_rule(models, zs)
-        r = evaluate(models, name, fn, own_threshold=1.0)
-        r["calibration_auroc"] = calibration_auroc(models, fn)
-        rows.append(r)
+        rows.append(evaluated(models, name, zscore_rule(models, zs), 1.0))
     return rows
 
 
@@ -326,10 +329,7 @@ def channel_rows(models: list[dict], other: dict[str, dict], label: str) -> list
     rows = []
     for name, zs in {"first scan (pairs both reached)": za, f"second scan ({label})": zb,
                      "sum of both": zsum, "larger of both": zmax}.items():
-        fn = zscore_rule(models, zs)
-        r = evaluate(models, name, fn, own_threshold=1.0)
-        r["calibration_auroc"] = calibration_auroc(models, fn)
-        rows.append(r)
+        rows.append(evaluated(models, name, zscore_rule(models, zs), 1.0))
     return rows
 
 
@@ -340,36 +340,38 @@ def inspector_scores(grid: str, config: Path | None, names: tuple[str, ...]) -> 
     return {(r.data, r.model, r.attack, r.seed, r.defense): recs[r.cell_id].metrics for r in rows}
 
 
+def inspector_units(models: list[dict], cells: dict[tuple, dict], name: str):
+    """``m -> (score, names the true target)`` of a population inspector cell (``max_anomaly``), the
+    score in units of its threshold fitted on the calibration half's clean models (leave-one-out for
+    those: the library's tail rule, max(largest, mean + 2.33 SD))."""
+    from backdoorlab.defenses._pair_null import tail_threshold
+
+    cal_clean = [m for m in models if m["seed"] == 0 and m["attack"] == "none"]
+
+    def raw(m: dict) -> tuple[float, bool]:
+        mt = cells.get((m["data"], m["model"], m["attack"], m["seed"], name))
+        if mt is None:
+            raise SystemExit(f"no {name} cell for {m['data']}/{m['model']}/{m['attack']}/seed{m['seed']}: run "
+                             f"`backdoorlab population` with {name} in the YAML's defenses first")
+        return float(mt["max_anomaly"]), bool(mt.get("target_found") or 0.0)
+    vals = {m["id"]: raw(m)[0] for m in cal_clean}
+
+    def units(m: dict) -> tuple[float, bool]:
+        s, named = raw(m)
+        return s / tail_threshold([v for k, v in vals.items() if k != m["id"]], default=math.inf), named
+    return units
+
+
 def fusion_rows(models: list[dict], null_score, cells: dict[tuple, dict], names: tuple[str, ...]) -> list[dict]:
     """The pair-null verdict OR'ed with other inspectors' (Neural Cleanse, bias maps): each
     inspector's model score in units of its own threshold fitted on the calibration half's clean
     models (leave-one-out for those: the library's tail rule, max(largest, mean + 2.33 SD)); the
     fused score is the largest; a model is found when a flagged inspector names its target."""
-    import math
-
-    from backdoorlab.defenses._pair_null import tail_threshold
-
-    cal_clean = [m for m in models if m["seed"] == 0 and m["attack"] == "none"]
-
-    def other(name: str):
-        def raw(m: dict) -> tuple[float, bool]:
-            mt = cells.get((m["data"], m["model"], m["attack"], m["seed"], name))
-            if mt is None:
-                raise SystemExit(f"no {name} cell for {m['data']}/{m['model']}/{m['attack']}/seed{m['seed']}: run "
-                                 f"`backdoorlab population` with {name} in the YAML's defenses first")
-            return float(mt["max_anomaly"]), bool(mt.get("target_found") or 0.0)
-        vals = {m["id"]: raw(m)[0] for m in cal_clean}
-
-        def units(m: dict) -> tuple[float, bool]:
-            s, named = raw(m)
-            return s / tail_threshold([v for k, v in vals.items() if k != m["id"]], default=math.inf), named
-        return units
-
     def pair(m: dict) -> tuple[float, bool]:
         s, named = null_score(m)
         return s, m["target"] in named
 
-    channels = {"pair-null": pair, **{n: other(n) for n in names}}
+    channels = {"pair-null": pair, **{n: inspector_units(models, cells, n) for n in names}}
 
     def fused(keys: tuple[str, ...]):
         def fn(m: dict) -> tuple[float, set[int]]:
@@ -380,10 +382,7 @@ def fusion_rows(models: list[dict], null_score, cells: dict[tuple, dict], names:
 
     rows = []
     for keys in [(n,) for n in names] + [("pair-null", n) for n in names] + ([("pair-null", *names)] if len(names) > 1 else []):
-        fn = fused(keys)
-        r = evaluate(models, " OR ".join(keys) + " (each at its calibrated threshold)", fn, own_threshold=1.0)
-        r["calibration_auroc"] = calibration_auroc(models, fn)
-        rows.append(r)
+        rows.append(evaluated(models, " OR ".join(keys) + " (each at its calibrated threshold)", fused(keys), 1.0))
     print("evaluation half, per model: score / its threshold (* the inspector names the true target)")
     for m in models:
         if m["seed"] != 0:
@@ -406,7 +405,7 @@ def nc_scan(grid: str, cache: Path, limit: int | None, config: Path | None, imag
     return _scan_each(grid, cache, f"-nc{images}", scan, limit, config)
 
 
-def nc_rows(models: list[dict]) -> list[dict]:
+def nc_rows(models: list[dict], cells: dict[tuple, dict] | None = None, names: tuple[str, ...] = ()) -> list[dict]:
     """Neural Cleanse's per-target mask norms as model scores (issue 22 item 4): the paper's MAD
     index of the L1 norms (threshold 2, and fitted on the calibration half), the same index of the
     log norms (a trigger's norm is a scale: one planted target among natural ones spans a factor of
@@ -468,9 +467,7 @@ def nc_rows(models: list[dict]) -> list[dict]:
                           ("NC: target null, per-target SD (leave-one-out tail threshold)", target_null("per-target"), 1.0),
                           ("NC: target null, pooled SD (leave-one-out tail threshold)", target_null("pooled"), 1.0),
                           ("NC: target null, per-target SD floored at their median (the library's TargetNull)", tn, 1.0)]:
-        r = evaluate(models, name, fn, own_threshold=own)
-        r["calibration_auroc"] = calibration_auroc(models, fn)
-        rows.append(r)
+        rows.append(evaluated(models, name, fn, own))
     if "norms" in models[0]:  # the pairwise scans too: the pair null OR the target null
         lib = zscore_rule(models, channel_zscores(models, lambda m: m["norms"]))
 
@@ -478,15 +475,53 @@ def nc_rows(models: list[dict]) -> list[dict]:
             (a, na), (b, nb) = lib(m), tn(m)
             return max(a, b), (na if a > 1.0 else set()) | (nb if b > 1.0 else set())
         for name, fn in [("pair null (library)", lib), ("pair null OR NC target null (floored SD)", either)]:
-            r = evaluate(models, name, fn, own_threshold=1.0)
-            r["calibration_auroc"] = calibration_auroc(models, fn)
-            rows.append(r)
+            rows.append(evaluated(models, name, fn, 1.0))
+        channels = {"pair null": lib, "NC target null": tn,
+                    **{n: inspector_units(models, cells or {}, n) for n in names}}
+        rows += sum_rows(models, channels)
         print("evaluation half, per model: score / its threshold (* names the true target)")
         for m in models:
             if m["seed"] != 0:
                 got = [(k, f(m)) for k, f in (("pair null", lib), ("NC target null", tn))]
                 print(f"  {m['data']:10s} {m['model']:8s} {m['attack']:12s} "
                       + "  ".join(f"{k} {u:6.2f}{'*' if m['target'] in named else ' '}" for k, (u, named) in got))
+    return rows
+
+
+def sum_rows(models: list[dict], channels: dict) -> list[dict]:
+    """Score-level fusion: the sum of the channels' scores, each in units of its own calibrated
+    threshold, against a tail threshold fitted on the calibration half's clean models' sums (each
+    channel already leave-one-out for those). An OR of thresholds spends its false-alarm budget
+    once per channel; a sum lets two channels that are each below their threshold add up. The
+    named target is the pair null's largest target z (the true target in every learned backdoor of
+    the MNIST population). Variants: the plain sum, and the sum of log(1 + units) (bias maps' raw
+    scores span two orders of magnitude on clean bn-cnn models)."""
+    import itertools
+
+    from backdoorlab.defenses._pair_null import tail_threshold
+
+    zs = channel_zscores(models, lambda m: m["norms"])
+    cal_clean = [m for m in models if m["seed"] == 0 and m["attack"] == "none"]
+
+    def top(m: dict) -> int:
+        return int(torch.nan_to_num(zs[m["id"]][1], nan=-1e9).argmax())
+
+    rows = []
+    keys = list(channels)
+    combos = [c for k in range(2, len(keys) + 1) for c in itertools.combinations(keys, k)]
+    for combo in combos:
+        for log in (False, True):
+            def fn(m: dict, combo=combo, log=log) -> tuple[float, set[int]]:
+                u = [max(float(channels[k](m)[0]), 0.0) for k in combo]
+                return sum(math.log1p(v) if log else v for v in u), {top(m)}
+            thr = tail_threshold([fn(c)[0] for c in cal_clean], default=math.inf)
+            name = ("sum of log(1 + units): " if log else "sum of units: ") + " + ".join(combo)
+            rows.append(evaluated(models, name, fn, thr))
+    print("evaluation half, per model: each channel's score / its threshold (* the pair null's top target is the true one)")
+    for m in models:
+        if m["seed"] != 0:
+            print(f"  {m['data']:10s} {m['model']:8s} {m['attack']:12s}{'*' if top(m) == m['target'] else ' '} "
+                  + "  ".join(f"{k} {float(f(m)[0]):6.2f}" for k, f in channels.items()))
     return rows
 
 
@@ -531,7 +566,9 @@ def main() -> None:
         pairwise = {m["id"]: m for m in scan_population(args.grid, args.cache, params, args.limit, args.config)}
         for m in models:
             m.update({k: v for k, v in pairwise[m["id"]].items() if k not in m})
-        rows = nc_rows(learned_only(models))
+        names = tuple(args.fuse.split(",")) if args.fuse else ()
+        cells = inspector_scores(args.grid, args.config, names) if names else None
+        rows = nc_rows(learned_only(models), cells, names)
         show(rows)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))

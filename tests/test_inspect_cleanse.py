@@ -337,3 +337,64 @@ def test_scan_design_within_budget_keeps_every_target_and_source_balanced():
     col = torch.nanmedian(est["norms"], 0).values
     others = torch.cat([col[:2], col[3:]])
     assert float(col[2]) * 3 < float(others.min())
+
+
+class ChessNet(QuadrantNet):
+    """QuadrantNet whose backdoor is global: a faint checkerboard over the whole image (correlation
+    with a +-1 board) sends any image to class 2, like the population's low-amplitude chessboard."""
+
+    def __init__(self):
+        super().__init__(backdoor=False)
+        self.board = ((torch.arange(10)[:, None] + torch.arange(10)[None]) % 2 * 2 - 1).float()
+
+    def forward(self, x):
+        logits = super().forward(x)
+        corr = (x[:, 0] * self.board).mean((1, 2))
+        bump = torch.zeros_like(logits)
+        bump[:, 2] = 200 * torch.relu(corr)
+        return logits + bump
+
+
+def _chess_poisoned():
+    train = quadrant_data(100, 1)
+    x, y = train.x.clone(), train.y.clone()
+    planted = torch.nonzero(train.y != 2).flatten()[::8]  # 50 images of the four other classes
+    board = ((torch.arange(10)[:, None] + torch.arange(10)[None]) % 2 == 1)
+    x[planted, 0] = (x[planted, 0].float() + 38 * board).clamp(max=255).to(torch.uint8)  # +0.15 on half the pixels
+    y[planted] = 2
+    return ImageSet(x, y, K), planted
+
+
+def test_cleanser_removes_a_global_trigger_with_the_universal_pattern():
+    """A global trigger survives the subtraction of a sparse pair pattern (the seed's procedure
+    flags nothing); the per-target universal pattern, thresholded on the clean images of the
+    target, finds the planted samples. On a target that is not a trigger's (the same model's
+    class 3 flagged by mistake) the universal pattern flags no more than the clean rate and is
+    dropped."""
+    data, planted = _chess_poisoned()
+    model = ChessNet()
+    with torch.no_grad():
+        assert (model(data.float_batch(planted)).argmax(1) == 2).float().mean() > 0.95
+        assert (model(quadrant_data(30, 0).float_batch(torch.arange(150))).argmax(1) == torch.arange(K).repeat_interleave(30)).all()
+    patterns = torch.zeros(K, K, 1, 10, 10)
+    patterns[:, 2, 0, 4:6, 4:6] = 0.5  # a sparse pattern: not the trigger
+    col2 = {"target_anomaly": torch.tensor([0.0, 0.0, 5.0, 0.0, 0.0]), "target_threshold": 2.0,
+            "reached": torch.ones(K, K, dtype=torch.bool)}
+    insp = InspectionResult(True, [], [2], torch.ones(K, K), torch.zeros(K, K), patterns, details=col2)
+    clean = quadrant_data(30, 0)
+    truth = torch.zeros(len(data), dtype=torch.bool)
+    truth[planted] = True
+    seed_only = PatternSubtraction(universal=False).cleanse(model, data, inspection=insp, clean=clean)
+    assert int((seed_only.flagged & truth).sum()) <= 5
+    res = PatternSubtraction().cleanse(model, data, inspection=insp, clean=clean)
+    assert int((res.flagged & truth).sum()) >= 0.95 * planted.numel()
+    # the clean quantile (95%) flags about 5% of the clean samples labelled 2 (100), none of the others
+    assert int((res.flagged & ~truth).sum()) <= 15 and not bool((res.flagged & (data.y != 2)).any())
+    assert float(res.scores[truth].min()) > 0.5 and float(res.scores[~truth].max()) < 0.05  # drops: poison > 0.9, clean < 0.01
+    floor = PatternSubtraction(min_drop=0.1).cleanse(model, data, inspection=insp, clean=clean)
+    assert int((floor.flagged & truth).sum()) >= 0.95 * planted.numel() and int((floor.flagged & ~truth).sum()) == 0
+    assert res.details["universal"][2]["flagged_share"] > 0.3
+    col3 = {**col2, "target_anomaly": torch.tensor([0.0, 0.0, 0.0, 5.0, 0.0])}
+    wrong = PatternSubtraction().cleanse(model, data, inspection=InspectionResult(
+        True, [], [3], torch.ones(K, K), torch.zeros(K, K), patterns, details=col3), clean=clean)
+    assert wrong.details["universal"][3]["flagged_share"] < 0.1 and int(wrong.flagged.sum()) <= 5

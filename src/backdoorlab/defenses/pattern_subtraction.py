@@ -47,6 +47,21 @@ Deviations, and why:
   separability is near 1; a natural pair the inspector flagged by mistake lowers the confidence of
   every sample of t, and its separability is lower. Pairs under ``min_separation`` are skipped,
   with a warning.
+- Global all-to-one triggers (a blend, a low-amplitude chessboard): the pairwise scan's L1 patterns
+  are sparse, and subtracting one (or its support) leaves a global trigger in place: on the MNIST
+  population every blend and chessboard model the audit found was cleansed with TPR 0. For each
+  target flagged by the per-target rule, and when clean images are given, a *universal* pattern is
+  estimated as well: the smallest L2 perturbation (from ``universal_eps``, by projected gradient)
+  that sends ``universal_rate`` of the clean images of the other classes to t, as Neural Cleanse
+  reverses one trigger per target (its additive, L2 form). A sample labelled t is flagged when its
+  confidence drop under [x - v] exceeds the ``clean_quantile`` of the drops of the clean images of
+  t (and ``min_drop``): calibrated on clean data, not Otsu's split of the suspect set (on the
+  population the drops ranked poison first, AUROC 0.96-1.0, but Otsu's cut fell inside the poison's
+  spread). Poisoned training samples are fitted with confidence near 1, so their drops are often
+  small (< 0.1) yet above every clean one: a floor of 0.1 cost most of the blends' TPR on the
+  calibration half (docs/populations.md), so the default has none. The universal pattern is kept only when it flags more than
+  ``min_excess`` of the samples labelled t (a pattern that is not a trigger flags about as many
+  as on the clean images, 1 - ``clean_quantile``). Its flags are added to the pairs'.
 - Only samples whose label is the flagged pair's target are examined: a sample poisoned by an
   s -> t attack carries label t, so the others cannot be its poison, and examining them only adds
   false positives. ``all_samples=True`` examines every sample, as the seed does.
@@ -111,6 +126,16 @@ class PatternSubtraction(Cleanser):
     relabel: Literal["auto", "prediction", "source"] = Field(
         "auto", description="label correction: the prediction on [x - v] (the seed's), restricted to the flagged "
         "pairs' sources (source), or source unless the per-target rule flags the target (auto)")
+    universal: bool = Field(True, description="for targets flagged by the per-target rule, also subtract a universal "
+                            "L2 pattern (global triggers; needs clean images)")
+    universal_eps: tuple[float, ...] = Field((1.0, 2.0, 3.0, 4.0, 6.0), description="L2 budgets tried in order")
+    universal_rate: float = Field(0.9, gt=0.0, le=1.0, description="share of clean other-class images the pattern must send to t")
+    universal_steps: int = Field(50, ge=1)
+    universal_images: int = Field(30, ge=1, description="clean images per class for the universal pattern")
+    clean_quantile: float = Field(0.95, gt=0.0, lt=1.0, description="threshold: this quantile of the clean images' drops")
+    min_drop: float = Field(0.0, ge=0.0, le=1.0, description="universal pattern: a drop below this is never evidence "
+                            "(a floor under the clean quantile)")
+    min_excess: float = Field(0.15, ge=0.0, le=1.0, description="keep a universal pattern only if it flags more than this share")
     search_samples: int = Field(1000, ge=1)
     batch_size: int = Field(2048, ge=1)
     seed: int = 0
@@ -229,13 +254,92 @@ class PatternSubtraction(Cleanser):
         else:
             thr = self.delta if self.delta is not None else otsu_threshold(scores[examined])
             flagged = examined & (scores > thr)
+        universal = {}
+        if self.universal and clean is not None:
+            for t in self.column_targets(inspection):
+                got = self._universal(model, data, clean, t)
+                if got is None:
+                    continue
+                idx, drop, pred, prob, cut, share = got
+                universal[t] = {"threshold": cut, "flagged_share": share}
+                if share <= self.min_excess:
+                    log.info("target %d: the universal pattern flags %.1f%% of the samples labelled %d (<= min_excess): "
+                             "not a trigger", t, 100 * share, t)
+                    continue
+                new = (drop > cut) & ~flagged[idx]
+                upd = idx[new]
+                scores[upd], removed_pred[upd], removed_prob[upd] = drop[new], pred[new], prob[new]
+                changed[upd] = True
+                flagged[upd] = True
+                examined[idx] = True
         corrected[flagged] = self._relabel(removed_pred, removed_prob, data.y, flagged, inspection, kept)[flagged]
         log.info("pattern subtraction: %d of %d examined samples flagged", int(flagged.sum()), int(examined.sum()))
         return CleanseResult(scores, flagged, corrected, thr,
                              {"pairs": kept, "examined": int(examined.sum()), "rejected_pairs": [q for q in pairs if q not in kept],
                               "separation": separation,
                               "technique": self.technique, "changed_prediction": changed, "shifts": shifts,
+                              "universal": universal,
                               "removed_prediction": removed_pred, "relabel": self.relabel})
+
+    def _universal(self, model: nn.Module, data: ImageSet, clean: ImageSet, t: int):
+        """Target t's universal L2 pattern (see the module doc) and what subtracting it does to the
+        samples labelled t: (their indices, confidence drops, predictions and probabilities on
+        [x - v], the clean threshold, the share flagged); None when t has no clean image."""
+        from backdoorlab.defenses.common import images_per_class
+
+        g = torch.Generator().manual_seed(self.seed)
+        xs = images_per_class(clean, self.universal_images, g)  # (K, n, C, H, W)
+        others = torch.cat([xs[k] for k in range(xs.shape[0]) if k != t])
+        own = clean.float_batch(torch.nonzero(clean.y == t).flatten())
+        idx = torch.nonzero(data.y == t).flatten()
+        if own.shape[0] == 0 or idx.numel() == 0:
+            return None
+        v = self._universal_pattern(model, others, t)
+        cut = max(float(self._drops(model, own, v, t)[0].quantile(self.clean_quantile)), self.min_drop)
+        drops, preds, probs = [], [], []
+        for b in range(0, idx.numel(), self.batch_size):
+            d, p2 = self._drops(model, data.float_batch(idx[b:b + self.batch_size]), v, t)
+            drops.append(d)
+            preds.append(p2.argmax(1))
+            probs.append(p2)
+        drop = torch.cat(drops)
+        return idx, drop, torch.cat(preds), torch.cat(probs), cut, float((drop > cut).float().mean())
+
+    def _drops(self, model: nn.Module, x: torch.Tensor, v: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """p(t | x) - p(t | [x - v]) and the probabilities on [x - v]."""
+        p1 = F.softmax(predict_logits(model, x, self.batch_size), 1)
+        p2 = F.softmax(predict_logits(model, (x - v).clamp(0, 1), self.batch_size), 1)
+        return p1[:, t] - p2[:, t], p2
+
+    def _universal_pattern(self, model: nn.Module, x: torch.Tensor, t: int) -> torch.Tensor:
+        """The first budget of ``universal_eps`` whose projected-gradient pattern sends
+        ``universal_rate`` of ``x`` to t (the last one's pattern when none does)."""
+        was = model.training
+        model.eval()
+        req = [p.requires_grad for p in model.parameters()]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        target = torch.full((x.shape[0],), t, dtype=torch.long)
+        try:
+            for eps in self.universal_eps:
+                v = torch.zeros_like(x[:1])
+                for _ in range(self.universal_steps):
+                    v.requires_grad_(True)
+                    loss = F.cross_entropy(model((x + v).clamp(0, 1)), target)
+                    (grad,) = torch.autograd.grad(loss, v)
+                    with torch.no_grad():
+                        v = v - eps / 10 * grad / grad.norm().clamp_min(1e-12)
+                        v = v * min(1.0, eps / float(v.norm().clamp_min(1e-12)))
+                with torch.no_grad():
+                    rate = float((model((x + v).clamp(0, 1)).argmax(1) == t).float().mean())
+                if rate >= self.universal_rate:
+                    break
+            log.info("target %d: universal pattern of L2 norm %.2f sends %.0f%% of clean images to it", t, eps, 100 * rate)
+            return v.detach()[0]
+        finally:
+            for p, r in zip(model.parameters(), req):
+                p.requires_grad_(r)
+            model.train(was)
 
     @staticmethod
     def column_targets(inspection: InspectionResult) -> list[int]:
