@@ -59,9 +59,10 @@ Deviations, and why:
   population the drops ranked poison first, AUROC 0.96-1.0, but Otsu's cut fell inside the poison's
   spread). Poisoned training samples are fitted with confidence near 1, so their drops are often
   small (< 0.1) yet above every clean one: a floor of 0.1 cost most of the blends' TPR on the
-  calibration half (docs/populations.md), so the default has none. The universal pattern is kept only when it flags more than
-  ``min_excess`` of the samples labelled t (a pattern that is not a trigger flags about as many
-  as on the clean images, 1 - ``clean_quantile``). Its flags are added to the pairs'.
+  calibration half (docs/populations.md), so the default has none. The universal pattern is kept
+  only when it flags more than ``min_excess`` of the samples labelled t (a pattern that is not a
+  trigger flags about as many as on the clean images, 1 - ``clean_quantile``). Its flags are
+  added to the pairs'.
 - Only samples whose label is the flagged pair's target are examined: a sample poisoned by an
   s -> t attack carries label t, so the others cannot be its poison, and examining them only adds
   false positives. ``all_samples=True`` examines every sample, as the seed does.
@@ -314,13 +315,10 @@ class PatternSubtraction(Cleanser):
     def _universal_pattern(self, model: nn.Module, x: torch.Tensor, t: int) -> torch.Tensor:
         """The first budget of ``universal_eps`` whose projected-gradient pattern sends
         ``universal_rate`` of ``x`` to t (the last one's pattern when none does)."""
-        was = model.training
-        model.eval()
-        req = [p.requires_grad for p in model.parameters()]
-        for p in model.parameters():
-            p.requires_grad_(False)
+        from backdoorlab.defenses.common import frozen
+
         target = torch.full((x.shape[0],), t, dtype=torch.long)
-        try:
+        with frozen(model):
             for eps in self.universal_eps:
                 v = torch.zeros_like(x[:1])
                 for _ in range(self.universal_steps):
@@ -334,12 +332,8 @@ class PatternSubtraction(Cleanser):
                     rate = float((model((x + v).clamp(0, 1)).argmax(1) == t).float().mean())
                 if rate >= self.universal_rate:
                     break
-            log.info("target %d: universal pattern of L2 norm %.2f sends %.0f%% of clean images to it", t, eps, 100 * rate)
-            return v.detach()[0]
-        finally:
-            for p, r in zip(model.parameters(), req):
-                p.requires_grad_(r)
-            model.train(was)
+        log.info("target %d: universal pattern of L2 norm %.2f sends %.0f%% of clean images to it", t, eps, 100 * rate)
+        return v.detach()[0]
 
     @staticmethod
     def column_targets(inspection: InspectionResult) -> list[int]:
