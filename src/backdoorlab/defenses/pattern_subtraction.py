@@ -222,11 +222,8 @@ class PatternSubtraction(Cleanser):
                 continue
             diffs, preds, probs, yhats = [], [], [], []
             for b in range(0, idx.numel(), self.batch_size):
-                x = data.float_batch(idx[b:b + self.batch_size])
-                p1 = F.softmax(predict_logits(model, x, self.batch_size), 1)
-                p2 = F.softmax(predict_logits(model, (x - v).clamp(0, 1), self.batch_size), 1)
-                yhat = p1.argmax(1)
-                diffs.append(p1.gather(1, yhat[:, None]).squeeze(1) - p2.gather(1, yhat[:, None]).squeeze(1))
+                d, p2, yhat = self._drops(model, data.float_batch(idx[b:b + self.batch_size]), v)
+                diffs.append(d)
                 preds.append(p2.argmax(1))
                 probs.append(p2)
                 yhats.append(yhat)
@@ -299,18 +296,21 @@ class PatternSubtraction(Cleanser):
         cut = max(float(self._drops(model, own, v, t)[0].quantile(self.clean_quantile)), self.min_drop)
         drops, preds, probs = [], [], []
         for b in range(0, idx.numel(), self.batch_size):
-            d, p2 = self._drops(model, data.float_batch(idx[b:b + self.batch_size]), v, t)
+            d, p2, _ = self._drops(model, data.float_batch(idx[b:b + self.batch_size]), v, t)
             drops.append(d)
             preds.append(p2.argmax(1))
             probs.append(p2)
         drop = torch.cat(drops)
         return idx, drop, torch.cat(preds), torch.cat(probs), cut, float((drop > cut).float().mean())
 
-    def _drops(self, model: nn.Module, x: torch.Tensor, v: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """p(t | x) - p(t | [x - v]) and the probabilities on [x - v]."""
+    def _drops(self, model: nn.Module, x: torch.Tensor, v: torch.Tensor,
+               t: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The confidence drop p(c | x) - p(c | [x - v]) of class c = t (or each image's predicted class
+        when t is None), the probabilities on [x - v], and c."""
         p1 = F.softmax(predict_logits(model, x, self.batch_size), 1)
         p2 = F.softmax(predict_logits(model, (x - v).clamp(0, 1), self.batch_size), 1)
-        return p1[:, t] - p2[:, t], p2
+        c = p1.argmax(1) if t is None else torch.full((x.shape[0],), t, dtype=torch.long)
+        return p1.gather(1, c[:, None]).squeeze(1) - p2.gather(1, c[:, None]).squeeze(1), p2, c
 
     def _universal_pattern(self, model: nn.Module, x: torch.Tensor, t: int) -> torch.Tensor:
         """The first budget of ``universal_eps`` whose projected-gradient pattern sends
