@@ -202,10 +202,41 @@ def part_train(args, attack: str | None = None) -> dict:
         from backdoorlab.models import save_model
 
         save_model(model, Path(args.save))
+        if isinstance(prep.attack, TrainingAttack):  # its trigger is not stored: keep the triggered test set
+            _save_triggered(prep.triggered_test, Path(args.save))
     if args.strip and attack:
         out["strip"] = _strip(model, prep, cfg, args.strip_n, args.superimpose, args.strip_samples)
         print("   strip:", json.dumps(out["strip"]))
     return out
+
+
+def _triggered_path(model_file: Path) -> Path:
+    return model_file.with_name(model_file.stem + ".triggered.safetensors")
+
+
+def _save_triggered(trig, model_file: Path) -> None:
+    """A training-time attack's triggered test set beside its victim (``repair --load`` reads it)."""
+    from safetensors.torch import save
+
+    from backdoorlab.atomic import atomic_write_bytes
+
+    atomic_write_bytes(_triggered_path(model_file), save(
+        {"x": trig.x.contiguous(), "y": trig.y, "y_source": trig.y_source, "is_poison": trig.is_poison}))
+
+
+def _load_triggered(prep, model_file: Path) -> None:
+    """``prep.triggered_test`` from the file :func:`_save_triggered` wrote (a training-time attack)."""
+    from safetensors.torch import load_file
+
+    from backdoorlab.types import PoisonedSet
+
+    path = _triggered_path(model_file)
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found; a training-time attack's victim needs the triggered test set that "
+                         "`attack --save` writes beside it")
+    t, test = load_file(str(path)), prep.splits.test
+    prep.triggered_test = PoisonedSet(t["x"], t["y"], test.num_classes, test.class_names, "triggered-test",
+                                      is_poison=t["is_poison"], y_source=t["y_source"])
 
 
 def _strip(model, prep, cfg, n: int | None = None, superimpose: str = "sum", samples: int = 20) -> dict:
@@ -235,6 +266,7 @@ def _strip(model, prep, cfg, n: int | None = None, superimpose: str = "sum", sam
 
 def part_strip(args) -> dict:
     """STRIP on a victim saved by ``attack --save``: the same data (seeded), the model from the file."""
+    from backdoorlab.attacks.base import TrainingAttack
     from backdoorlab.experiment import evaluate_victim, prepare, setup_torch
     from backdoorlab.models import load_model
 
@@ -259,6 +291,7 @@ def part_repair(args) -> dict:
     runner's path (the clean held-out set, CA / ASR / DER), as ``bench_repairers.py`` on MNIST."""
     from bench_repairers import parse_params, repair_all
 
+    from backdoorlab.attacks.base import TrainingAttack
     from backdoorlab.experiment import evaluate_victim, prepare, setup_torch
     from backdoorlab.models import load_model
 
@@ -266,6 +299,8 @@ def part_repair(args) -> dict:
     setup_torch(cfg)
     prep = prepare(cfg)
     model = load_model(Path(args.load), num_classes=10, input_shape=(3, 32, 32)).eval()
+    if isinstance(prep.attack, TrainingAttack):
+        _load_triggered(prep, Path(args.load))
     base = {k: float(v) for k, v in evaluate_victim(model, prep).items()}
     print(f"   victim {args.load}: CA {base['clean_accuracy']:.4f}  ASR {base['attack_success_rate']:.4f}; "
           f"{len(prep.splits.holdout)} clean held-out images", flush=True)

@@ -329,3 +329,43 @@ def test_fine_tuning_warms_up_before_its_cosine_schedule():
     assert (d.lr, d.epochs, d.warmup, d.crop_padding) == (0.1, 20, 2.0, 1)
     fp = DEFENSES.create("fine-pruning")
     assert (fp.lr, fp.epochs, fp.warmup, fp.crop_padding) == (0.01, 5, 0.3, 0)
+
+
+def test_fine_tuning_keeps_frozen_weights_and_reestimates_batch_norm():
+    """fastnet freezes its whitening filters and batch-norm scales by design: fine-tuning keeps them
+    (it trained them before). After fine-tuning, the batch-norm statistics are re-estimated on the whole
+    clean set (a cumulative average), not left as fastnet's momentum-0.4 average of the last batches."""
+    from backdoorlab.defenses._surgery import trainable
+    from backdoorlab.train import recalibrate_bn
+
+    torch.manual_seed(0)
+    net = build_model(ModelSpec("fastnet", 10, (3, 32, 32), {"widths": (8, 16, 16)})).eval()
+    data = ImageSet((torch.rand(96, 3, 32, 32) * 255).to(torch.uint8), torch.arange(96) % 10, 10)
+    net.init_from_data(data.float_batch())
+    whiten, scale = net.whiten.weight.detach().clone(), net.block1.bn1.weight.detach().clone()
+    out = {}
+    for recal in (False, True):
+        ft = DEFENSES.create("fine-tuning", epochs=2, lr=0.05, tune_batch_size=16, recalibrate_bn=recal)
+        out[recal] = ft.repair(net, data).model
+    tuned = out[True]
+    assert torch.equal(tuned.whiten.weight, whiten) and torch.equal(tuned.block1.bn1.weight, scale)
+    assert torch.equal(tuned.block2.conv1.weight, out[False].block2.conv1.weight)  # the same training; only the statistics differ
+    # the re-estimated statistics are the batch statistics of the whole clean set through the tuned weights
+    probe = {}
+    h = tuned.block1.bn1.register_forward_hook(lambda m, i, o: probe.setdefault("x", i[0].detach()))
+    tuned.train()
+    with torch.no_grad():
+        tuned(data.float_batch())
+    h.remove()
+    tuned.eval()
+    x = probe["x"]
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=True)
+    assert torch.allclose(tuned.block1.bn1.running_mean, mean, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(tuned.block1.bn1.running_var, var, rtol=1e-3, atol=1e-4)
+    last = out[False].block1.bn1  # momentum 0.4 over batches of 16: far from the whole set's statistics
+    assert (last.running_mean - mean).abs().max() > 10 * (tuned.block1.bn1.running_mean - mean).abs().max()
+    assert tuned.block1.bn1.momentum == 0.4 and not tuned.training
+    # a model with every parameter frozen (loaded for inference) has all of them made trainable
+    frozen_net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)).requires_grad_(False)
+    assert len(trainable(frozen_net)) == 4
+    assert recalibrate_bn(torch.jit.script(nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))), data) == 0

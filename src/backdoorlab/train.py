@@ -265,6 +265,34 @@ def train(
     return hist
 
 
+@torch.no_grad()
+def recalibrate_bn(net: nn.Module, data: ImageSet, *, n: int | None = None, batch_size: int = 256, seed: int = 0) -> int:
+    """Re-estimate the batch-norm running statistics of ``net`` on ``n`` images of ``data`` (all if
+    None; a seeded random subset otherwise) as a cumulative average, no augmentation, and leave it in
+    eval mode; torch.optim.swa_utils.update_bn does the same over a DataLoader. For weights that moved
+    since the statistics were averaged (a generator trained quickly, a model fine-tuned on few images
+    with a high batch-norm momentum). Returns the number of layers re-estimated (0: no batch norm, e.g. a
+    TorchScript model, whose modules are not ``nn`` batch norms)."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    idx = torch.arange(len(data)) if n is None else torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+    device = model_device(net)
+    net.train()
+    try:
+        for s in range(0, idx.numel(), batch_size):
+            net(data.float_batch(idx[s:s + batch_size]).to(device))
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        net.eval()
+    return len(bns)
+
+
 @torch.inference_mode()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Logits (N, K) for uint8 (N, C, H, W) or float [0, 1] images, in batches, on the model's device."""

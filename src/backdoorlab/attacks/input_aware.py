@@ -174,6 +174,7 @@ class InputAware(TrainingAttack):
     def train_mask(self, trig: DynamicTrigger, data: ImageSet, batch_size: int, seed: int) -> list[float]:
         """Stage 1: the mask generator alone (density + diversity). Returns the loss per epoch."""
         from backdoorlab.data import TensorLoader
+        from backdoorlab.train import recalibrate_bn
 
         if self.mask_epochs == 0:
             trig.mask.eval()
@@ -201,7 +202,7 @@ class InputAware(TrainingAttack):
         # the frozen mask runs in eval mode from here on: its batch-norm running averages (momentum 0.05)
         # lag behind weights that Adam moved quickly, and made eval masks 3-10x denser than the trained
         # ones, by an amount that changed with the CPU's float rounding (0.10 vs 0.32 on mnist5k)
-        _recalibrate_bn(trig.mask, data, seed)
+        recalibrate_bn(trig.mask, data, n=2048, seed=seed + 11)
         trig.mask.eval()
         trig.mask.requires_grad_(False)
         return losses
@@ -209,7 +210,7 @@ class InputAware(TrainingAttack):
     def train_victim(self, model: nn.Module, data: ImageSet, cfg, *, rate: float, target: int,
                      source: int | None = None, mode: str = "all-to-one", seed: int = 0,
                      callbacks: tuple = ()) -> TrainedVictim:
-        from backdoorlab.train import train
+        from backdoorlab.train import recalibrate_bn, train
 
         self.check(data, rate=rate, target=target, source=source, mode=mode)
         torch.manual_seed(seed)
@@ -222,7 +223,7 @@ class InputAware(TrainingAttack):
         hist = train(model, data, cfg, seed=seed, callbacks=callbacks, loss_fn=step.loss, transform=step.transform,
                      transform_first=self.augment_triggers)
         step.flush()
-        _recalibrate_bn(trig.pattern, data, seed)
+        recalibrate_bn(trig.pattern, data, n=2048, seed=seed + 11)
         trig.eval()
         trig.requires_grad_(False)
         with torch.no_grad():
@@ -231,26 +232,6 @@ class InputAware(TrainingAttack):
         log.info("input-aware: mask density %.4f", density)
         return TrainedVictim(model, trig, hist.as_dict(), None,
                              {"mask_density": density, "mask_losses": mask_losses, "generator_steps": step.steps})
-
-
-@torch.no_grad()
-def _recalibrate_bn(net: nn.Module, data: ImageSet, seed: int, n: int = 2048, batch: int = 256) -> None:
-    """Re-estimate the batch-norm statistics of ``net`` on ``n`` training images (cumulative average):
-    the running averages lag behind a generator whose weights moved quickly during training."""
-    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    if not bns:
-        return
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    net.train()
-    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + 11))[:n]
-    for s in range(0, idx.numel(), batch):
-        net(data.float_batch(idx[s:s + batch]))
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
-    net.eval()
 
 
 class _JointStep:

@@ -357,8 +357,10 @@ def perturbed(net: nn.Module, overrides: dict[str, torch.Tensor], x: torch.Tenso
 
 
 def trainable(model: nn.Module) -> list[torch.nn.Parameter]:
-    """The parameters of ``model`` as leaf tensors requiring grad (one clear error if an optimiser
-    could not take them)."""
+    """The parameters of ``model`` an optimiser should take, as leaf tensors requiring grad (one clear
+    error if it could not take them). A model that freezes some of its parameters by design (fastnet's
+    whitening filters and batch-norm scales) keeps them frozen; a model with every parameter frozen
+    (loaded for inference) has all of them made trainable."""
     params = list(model.parameters())
     if not params:
         raise BackdoorLabError("the model has no parameters to train")
@@ -366,9 +368,10 @@ def trainable(model: nn.Module) -> list[torch.nn.Parameter]:
     if bad:
         raise BackdoorLabError("the model's parameters are computed tensors (not leaves), so they cannot be trained; "
                                "load the model from its file again (backdoorlab.api.load_model)")
-    for p in params:
+    chosen = [p for p in params if p.requires_grad] or params
+    for p in chosen:
         p.requires_grad_(True)
-    return params
+    return chosen
 
 
 def model_copy(model: nn.Module) -> nn.Module:

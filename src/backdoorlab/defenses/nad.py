@@ -103,5 +103,9 @@ class NAD(_CurveHooks, _TuneParams, Repairer):
         losses = tune(student, clean, loss, epochs=self.student_epochs, lr=self.lr, batch_size=self.tune_batch_size,
                       momentum=self.momentum, weight_decay=self.weight_decay, seed=self.seed,
                       augment=Augment(self.crop_padding, self.flip))
+        if self.recalibrate_bn:
+            from backdoorlab.train import recalibrate_bn
+
+            recalibrate_bn(student, clean, seed=self.seed)
         return two_row_result("nad", student, before, ev(student), layer=",".join(names), teacher_history=hist,
                               student_losses=losses, teacher=ev(teacher))
