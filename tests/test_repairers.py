@@ -347,21 +347,30 @@ def test_fine_tuning_keeps_frozen_weights_and_reestimates_batch_norm():
     for recal in (False, True):
         ft = DEFENSES.create("fine-tuning", epochs=2, lr=0.05, tune_batch_size=16, recalibrate_bn=recal)
         out[recal] = ft.repair(net, data).model
+    # NC unlearning fine-tunes through the same path (with its stamped batches)
+    out["nc"] = DEFENSES.create("nc-unlearning", steps=3, epochs=1, force=True, lr=0.05,
+                                tune_batch_size=16).repair(net, data).model
     tuned = out[True]
-    assert torch.equal(tuned.whiten.weight, whiten) and torch.equal(tuned.block1.bn1.weight, scale)
     assert torch.equal(tuned.block2.conv1.weight, out[False].block2.conv1.weight)  # the same training; only the statistics differ
+
+    def whole_set_stats(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        probe = {}
+        h = m.block1.bn1.register_forward_hook(lambda mod, i, o: probe.setdefault("x", i[0].detach()))
+        m.train()
+        with torch.no_grad():
+            m(data.float_batch())
+        h.remove()
+        m.eval()
+        return probe["x"].mean((0, 2, 3)), probe["x"].var((0, 2, 3), unbiased=True)
+
     # the re-estimated statistics are the batch statistics of the whole clean set through the tuned weights
-    probe = {}
-    h = tuned.block1.bn1.register_forward_hook(lambda m, i, o: probe.setdefault("x", i[0].detach()))
-    tuned.train()
-    with torch.no_grad():
-        tuned(data.float_batch())
-    h.remove()
-    tuned.eval()
-    x = probe["x"]
-    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=True)
-    assert torch.allclose(tuned.block1.bn1.running_mean, mean, rtol=1e-3, atol=1e-4)
-    assert torch.allclose(tuned.block1.bn1.running_var, var, rtol=1e-3, atol=1e-4)
+    for m in (tuned, out["nc"]):
+        assert torch.equal(m.whiten.weight, whiten) and torch.equal(m.block1.bn1.weight, scale)
+        assert not torch.equal(m.block2.conv1.weight, net.block2.conv1.weight)  # it did train
+        mean, var = whole_set_stats(m)
+        assert torch.allclose(m.block1.bn1.running_mean, mean, rtol=1e-3, atol=1e-4)
+        assert torch.allclose(m.block1.bn1.running_var, var, rtol=1e-3, atol=1e-4)
+    mean, _ = whole_set_stats(tuned)
     last = out[False].block1.bn1  # momentum 0.4 over batches of 16: far from the whole set's statistics
     assert (last.running_mean - mean).abs().max() > 10 * (tuned.block1.bn1.running_mean - mean).abs().max()
     assert tuned.block1.bn1.momentum == 0.4 and not tuned.training

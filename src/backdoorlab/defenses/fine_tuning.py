@@ -70,8 +70,10 @@ class _TuneParams:
     seed: int = Field(0, ge=0)
 
 
-def _fine_tune(t: _TuneParams, model: nn.Module, clean: ImageSet, masks: dict[str, torch.Tensor] | None) -> tuple[nn.Module, dict]:
-    """A fine-tuned copy of ``model`` (masked parameters re-zeroed after every optimiser step)."""
+def _fine_tune(t: _TuneParams, model: nn.Module, clean: ImageSet, masks: dict[str, torch.Tensor] | None,
+               transform=None) -> tuple[nn.Module, dict]:
+    """A fine-tuned copy of ``model`` (masked parameters re-zeroed after every optimiser step; ``transform``
+    edits each batch, as :func:`backdoorlab.train.train`'s)."""
     from backdoorlab.train import TrainConfig, recalibrate_bn, train
 
     tuned = model_copy(model)  # leaf parameters an optimiser takes, TorchScript included
@@ -83,7 +85,7 @@ def _fine_tune(t: _TuneParams, model: nn.Module, clean: ImageSet, masks: dict[st
         if event == "step" and masks:
             apply_masks(tuned, masks)
 
-    hist = train(tuned, clean, cfg, seed=t.seed, callbacks=(keep_pruned,))
+    hist = train(tuned, clean, cfg, seed=t.seed, callbacks=(keep_pruned,), transform=transform)
     out = hist.as_dict()
     if t.recalibrate_bn:
         out["recalibrated_bn_layers"] = recalibrate_bn(tuned, clean, seed=t.seed)

@@ -12,8 +12,8 @@ each batch stamped with a flagged target's reversed trigger, ``(1 - m) x + m p``
 true labels: the model unlearns the trigger -> target association.
 
 Deviations, and why:
-- *Fine-tuning budget*: the ``fine-tuning`` repairer's (``epochs`` 5, SGD from ``lr`` 0.01, cosine
-  schedule); the share of stamped images is drawn afresh in every batch (the paper: a fixed 20% of
+- *Fine-tuning budget*: the fine-tuning baseline's (``epochs`` 5, SGD from ``lr`` 0.01, cosine
+  schedule, batch-norm statistics re-estimated afterwards, as every fine-tuning repairer here); the share of stamped images is drawn afresh in every batch (the paper: a fixed 20% of
   the set, one stamped copy each), and with several flagged targets each stamped image takes one
   of their triggers at random.
 - ``force`` (off) unlearns the trigger of the most anomalous target even when none is flagged.
@@ -34,7 +34,7 @@ from torch import nn
 
 from backdoorlab.defenses._pruning_ops import _CONFIG, _CurveHooks
 from backdoorlab.defenses.base import DEFENSES, Evaluate, RepairResult, Repairer
-from backdoorlab.defenses.fine_tuning import start_repair, _TuneParams, two_row_result
+from backdoorlab.defenses.fine_tuning import _fine_tune, start_repair, _TuneParams, two_row_result
 from backdoorlab.types import ImageSet
 
 
@@ -52,7 +52,6 @@ class NCUnlearning(_CurveHooks, _TuneParams, Repairer):
 
     def repair(self, model: nn.Module, clean: ImageSet, *, evaluate: Evaluate | None = None) -> RepairResult:
         from backdoorlab.defenses.neural_cleanse import NeuralCleanse
-        from backdoorlab.train import TrainConfig, train
 
         ev, net, before = start_repair(model, clean, evaluate, self.batch_size)
         nc = NeuralCleanse(images_per_class=self.images_per_class, steps=self.steps, threshold=self.threshold,
@@ -77,8 +76,5 @@ class NCUnlearning(_CurveHooks, _TuneParams, Repairer):
             x[pick] = (1 - masks[which]) * x[pick] + stamps[which]
             return x, y
 
-        cfg = TrainConfig(epochs=self.epochs, batch_size=self.tune_batch_size, lr=self.lr, momentum=self.momentum,
-                          weight_decay=self.weight_decay, schedule="cosine", crop_padding=self.crop_padding, flip=self.flip)
-        hist = train(net, clean, cfg, seed=self.seed, transform=stamp)
-        net.eval()
-        return two_row_result("nc-unlearning", net, before, ev(net), unlearned=True, history=hist.as_dict(), **info)
+        tuned, hist = _fine_tune(self, net, clean, None, transform=stamp)
+        return two_row_result("nc-unlearning", tuned, before, ev(tuned), unlearned=True, history=hist, **info)
