@@ -334,7 +334,8 @@ def test_fine_tuning_warms_up_before_its_cosine_schedule():
 def test_fine_tuning_keeps_frozen_weights_and_reestimates_batch_norm():
     """fastnet freezes its whitening filters and batch-norm scales by design: fine-tuning keeps them
     (it trained them before). After fine-tuning, the batch-norm statistics are re-estimated on the whole
-    clean set (a cumulative average), not left as fastnet's momentum-0.4 average of the last batches."""
+    clean set (a cumulative average), not left as fastnet's momentum-0.4 average of the last batches.
+    NC unlearning fine-tunes through the same path."""
     from backdoorlab.defenses._surgery import trainable
     from backdoorlab.train import recalibrate_bn
 

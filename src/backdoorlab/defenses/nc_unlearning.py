@@ -13,9 +13,10 @@ true labels: the model unlearns the trigger -> target association.
 
 Deviations, and why:
 - *Fine-tuning budget*: the fine-tuning baseline's (``epochs`` 5, SGD from ``lr`` 0.01, cosine
-  schedule, batch-norm statistics re-estimated afterwards, as every fine-tuning repairer here); the share of stamped images is drawn afresh in every batch (the paper: a fixed 20% of
-  the set, one stamped copy each), and with several flagged targets each stamped image takes one
-  of their triggers at random.
+  schedule, batch-norm statistics re-estimated afterwards, as every fine-tuning repairer here); the
+  share of stamped images is drawn afresh in every batch (the paper: a fixed 20% of the set, one
+  stamped copy each), and with several flagged targets each stamped image takes one of their
+  triggers at random.
 - ``force`` (off) unlearns the trigger of the most anomalous target even when none is flagged.
 
 Works on any model the inspector and fine-tuning take (our architectures, TorchScript,
