@@ -1,7 +1,7 @@
 """How far could ANP and i-BAU go on a victim? Their ceilings, measured with the ground truth (issue 25).
 
     BACKDOORLAB_DATA=../shared/data python benchmarks/bench_repair_ceiling.py [--attack badnets] [--seed 0]
-        [--store DIR] [--anp-iterations 2000] [--json OUT]
+        [--store DIR] [--anp-iterations 2000] [--anp-eps 0.4] [--json OUT]
 
 The victim is ``bench_repairers.py``'s (the attack by name with its MNIST defaults, 10% poisoned, the
 small ``cnn``; 3,000 clean held-out images for the repairers), cached in the same store.
@@ -56,8 +56,8 @@ def first_linear_inputs(model, x: torch.Tensor, name: str, batch: int = 1024) ->
     return torch.cat(out)
 
 
-def anp_ceiling(model, hold, triggered, ev, base_ca: float, iterations: int, seed: int) -> dict:
-    res = DEFENSES.create("anp", iterations=iterations, tolerance=None, seed=seed).repair(model, hold)
+def anp_ceiling(model, hold, triggered, ev, base_ca: float, iterations: int, seed: int, eps: float = 0.4) -> dict:
+    res = DEFENSES.create("anp", iterations=iterations, eps=eps, tolerance=None, seed=seed).repair(model, hold)
     flat = torch.tensor(res.details["mask_values"])
     net = copy.deepcopy(model).eval()
     s = Surgery(net, hold.float_batch(slice(0, 8)))
@@ -87,7 +87,7 @@ def anp_ceiling(model, hold, triggered, ev, base_ca: float, iterations: int, see
             "mask_median": float(tm.median()) if len(tm) else None,
             "rank_min": int(rank[trig_idx].min()) if len(tm) else None,
             "share_of_masks_below_1": float((flat < 1).float().mean())}
-    print(f"   ANP masks ({iterations} iterations): {n} neurons, {int((flat < 0.2).sum())} below 0.2, "
+    print(f"   ANP masks ({iterations} iterations, eps {eps}): {n} neurons, {int((flat < 0.2).sum())} below 0.2, "
           f"{int((flat < 1).sum())} below 1; the trigger's {trig['count']}: mask min {trig['mask_min']}, "
           f"median {trig['mask_median']}, first rank {trig['rank_min']} of {n}", flush=True)
     ks = sorted({int(round(f * n)) for f in (0, .001, .002, .005, .01, .02, .03, .05, .075, .1, .15, .2, .3, .4, .5)})
@@ -101,7 +101,7 @@ def anp_ceiling(model, hold, triggered, ev, base_ca: float, iterations: int, see
     best = min(ok, key=lambda r: r["attack_success_rate"])
     print(f"   ANP ceiling: best ASR within 3 points of CA {best['attack_success_rate']:.4f} "
           f"(pruning {best['pruned']}, CA {best['clean_accuracy']:.4f})", flush=True)
-    return {"iterations": iterations, "trigger_neurons": trig, "curve": curve, "best_within_3_points": best}
+    return {"iterations": iterations, "eps": eps, "trigger_neurons": trig, "curve": curve, "best_within_3_points": best}
 
 
 def ibau_ceiling(model, prep, hold, ev, seed: int) -> dict:
@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--attack", default="badnets")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--anp-iterations", type=int, default=2000)
+    ap.add_argument("--anp-eps", type=float, default=0.4, help="ANP's perturbation budget (the paper's 0.4)")
     ap.add_argument("--only", choices=["anp", "i-bau"], default=None)
     ap.add_argument("--store", type=Path, default=Path("backdoorlab-runs/bench-repairers"))
     ap.add_argument("--json", type=Path)
@@ -160,7 +161,8 @@ def main() -> None:
     print(f"   victim CA {base['clean_accuracy']:.4f}  ASR {base['attack_success_rate']:.4f}, {len(hold)} clean held-out images", flush=True)
     out: dict = {"data": args.data, "attack": args.attack, "seed": args.seed, "victim": base}
     if args.only in (None, "anp"):
-        out["anp"] = anp_ceiling(model, hold, prep.triggered_test, ev, base["clean_accuracy"], args.anp_iterations, args.seed)
+        out["anp"] = anp_ceiling(model, hold, prep.triggered_test, ev, base["clean_accuracy"], args.anp_iterations, args.seed,
+                                 args.anp_eps)
     if args.only in (None, "i-bau"):
         out["i-bau"] = ibau_ceiling(model, prep, hold, ev, args.seed)
     if args.json:
