@@ -21,7 +21,8 @@ Parts (each one command; run each under ``flock /tmp/heavy.lock`` on a shared ma
   ASR. ``--epochs`` is ABL's total (``--epochs 2 -p abl.unlearning_epochs=0``: the isolation phase alone).
 - ``isolation --attack sig``: ABL's isolation phase alone (``--epochs`` LGA epochs, ``-p abl.KEY=VALUE``),
   watched after every epoch: how well the per-sample losses single out the poisoned samples
-  (precision of the lowest 1%, AUROC; ground truth for the diagnosis only) and the classes of the lowest 1%.
+  (precision of the lowest 1%, AUROC; ground truth for the diagnosis only) and the classes of the lowest 1%;
+  ``--save-passes F`` keeps every loss pass for ``isolation_rules.py`` (scoring rules compared offline).
 - ``repair --load F``: the repairers (``--repairers``, ``-p NAME.KEY=VALUE``) on a saved victim, on its
   clean held-out set (2,500 images), through the runner's path: CA, ASR, DER, seconds.
 
@@ -467,6 +468,15 @@ def part_isolation(args) -> dict:
     gamma, per_sample = abl.gamma, abl.lga == "sample"
     train(model, data, tc, seed=abl.seed, loss_fn=lambda logits, y: lga_loss(logits, y, gamma, per_sample),
           callbacks=(record, watch))
+    if args.save_passes:  # every loss pass with the ground truth: scoring rules compared offline (isolation_rules.py)
+        from safetensors.torch import save
+
+        from backdoorlab.atomic import atomic_write_bytes
+        tensors = {"losses": torch.stack([loss for _, loss in passes]).float().contiguous(),
+                   "epochs": torch.tensor([e for e, _ in passes], dtype=torch.float32),
+                   "is_poison": truth.to(torch.uint8).contiguous(), "labels": data.y.contiguous()}
+        atomic_write_bytes(Path(args.save_passes), save(tensors))
+        print(f"   {len(passes)} loss passes written to {args.save_passes}", flush=True)
     return {"attack": args.attack, "seed": cfg.seed, "abl_params": params, "epochs": rows}
 
 
@@ -517,6 +527,7 @@ def main() -> None:
     ap.add_argument("--strip", action="store_true")
     ap.add_argument("--save", help="write the trained model here (.safetensors)")
     ap.add_argument("--load", help="strip, repair: the victim saved by `attack --save`")
+    ap.add_argument("--save-passes", help="isolation: write every loss pass, labels and ground truth here (.safetensors)")
     ap.add_argument("--strip-n", type=int, default=None, help="strip: screen the first N clean and N triggered test images")
     ap.add_argument("--no-eval", action="store_true", help="strip: skip the victim's CA / ASR")
     ap.add_argument("--superimpose", choices=["sum", "add", "average"], default="sum", help="strip: STRIP's blend")
