@@ -55,6 +55,15 @@ def _npz(x: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _same(got: list[dict], want: list[dict]) -> bool:
+    """The same answers for the same images sent one at a time: prediction, verdict and threshold equal, the
+    score to float32 rounding (a batch of 1 and a batch of 5 take different kernels on some CPUs: 7e-7 apart
+    under ``ATEN_CPU_CAPABILITY=avx2``)."""
+    return len(got) == len(want) and all(
+        {k: v for k, v in g.items() if k != "score"} == {k: v for k, v in w.items() if k != "score"}
+        and g["score"] == pytest.approx(w["score"], abs=1e-5) for g, w in zip(got, want))
+
+
 def test_predict_json_png_and_npz_agree(cheap):
     svc, x = cheap
     with TestClient(create_app(svc)) as c:
@@ -72,12 +81,12 @@ def test_predict_json_png_and_npz_agree(cheap):
         assert npz_c == res  # N x H x W x C as well
         for i in (0, 3):
             png = c.post("/v1/predict", files={"file": ("a.png", png_bytes(x[i].float() / 255))})
-            assert png.status_code == 200 and png.json()["results"] == [res[i]]
+            assert png.status_code == 200 and _same(png.json()["results"], [res[i]])
         from PIL import Image
 
         buf = io.BytesIO()  # an RGB file that holds a grey image is read as grey
         Image.fromarray(np.repeat(x[2, 0].numpy()[..., None], 3, axis=2), mode="RGB").save(buf, format="PNG")
-        assert c.post("/v1/predict", files={"file": ("rgb.png", buf.getvalue())}).json()["results"] == [res[2]]
+        assert _same(c.post("/v1/predict", files={"file": ("rgb.png", buf.getvalue())}).json()["results"], [res[2]])
         ex = c.post("/v1/explain", files={"file": ("a.png", png_bytes(x[1].float() / 255))}).json()
         assert ex["prediction"] == res[1]["prediction"] and ex["score"] == pytest.approx(res[1]["score"], abs=1e-6)
         assert len(ex["copies"]) == 6 and ex["entropy"] == pytest.approx(-ex["score"])
