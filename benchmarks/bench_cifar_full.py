@@ -398,6 +398,7 @@ def part_isolation(args) -> dict:
     classes of the lowest 1%, and CA / ASR on the first 2,000 test / triggered test images. The
     ``_classnorm`` precisions rank by the log loss minus its class's median (a candidate fix of the
     class bias, not in ABL)."""
+    from isolation_rules import class_centred
     from sklearn.metrics import roc_auc_score
 
     from backdoorlab.defenses import DEFENSES
@@ -435,16 +436,10 @@ def part_isolation(args) -> dict:
     def precision(score: torch.Tensor) -> float:
         return round(float(truth[torch.argsort(score, stable=True)[:k]].float().mean()), 4)
 
-    classes = [data.y == c for c in range(data.num_classes)]
-
     def class_normalised(score: torch.Tensor) -> torch.Tensor:
         """log score minus its class's median log score (labels as given): a shift of a whole class's
         losses (the class bias of the last steps) cancels, a low tail within a class stays."""
-        lg = score.clamp_min(1e-12).log()
-        out = torch.empty_like(lg)
-        for m in classes:
-            out[m] = lg[m] - lg[m].median()
-        return out
+        return class_centred(score.clamp_min(1e-12).log()[None], data.y)[0]
 
     def watch(event: str, **info) -> None:  # after ABL's recorder: passes[-1] is this epoch's end
         if event != "epoch_end":

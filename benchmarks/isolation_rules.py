@@ -45,9 +45,9 @@ def ranks(x: torch.Tensor) -> torch.Tensor:
 
 def rules(losses: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     lg = losses.clamp_min(1e-12).log()
-    cls = class_centred(lg, labels)
+    cls, rk = class_centred(lg, labels), ranks(losses)
     return {"last": losses[-1], "mean": losses.mean(0), "median": losses.median(0).values,
-            "logmean": lg.mean(0), "rank_mean": ranks(losses).mean(0), "rank_median": ranks(losses).median(0).values,
+            "logmean": lg.mean(0), "rank_mean": rk.mean(0), "rank_median": rk.median(0).values,
             "logmean_cls": cls.mean(0), "median_cls": cls.median(0).values,
             "rank_median_cls": ranks(cls).median(0).values}
 
