@@ -132,7 +132,12 @@ def _config(args, attack: str | None = None):
 
         doc = yaml.safe_load(doc_path.read_text())
         doc["attack"] = {"name": attack}
-        return ExperimentConfig.model_validate(apply_overrides(doc, over))
+        doc = apply_overrides(doc, over)
+        if getattr(args, "recipe_surrogate", False):  # the surrogate is the victim's model, trained by its recipe
+            rec = {k: v for k, v in doc["train"].items() if k not in ("epochs", "lr")}
+            doc["attack"].update(surrogate=doc["model"]["name"], surrogate_epochs=doc["train"]["epochs"],
+                                 surrogate_lr=doc["train"]["lr"], surrogate_recipe=rec)
+        return ExperimentConfig.model_validate(doc)
     return load_config(doc_path, over)
 
 
@@ -519,6 +524,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override the recipe, e.g. --set train.label_smoothing=0 (repeatable)")
     ap.add_argument("--attack", choices=sorted(ATTACK_SETTINGS), default="badnets")
+    ap.add_argument("--recipe-surrogate", action="store_true",
+                    help="attack --attack clean-label: PGD on the victim's model trained by the recipe (not vgg-small)")
     ap.add_argument("--strip", action="store_true")
     ap.add_argument("--save", help="write the trained model here (.safetensors)")
     ap.add_argument("--load", help="strip, repair: the victim saved by `attack --save`")

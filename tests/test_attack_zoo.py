@@ -216,6 +216,10 @@ def test_clean_label_needs_enough_target_samples_and_caches_its_surrogate():
     m1 = b.surrogate_for(data)
     assert any(m is m1 for m in clean_label._SURROGATES.values())  # trained once, reused
     assert b.surrogate_for(data) is m1
+    # a surrogate_recipe trains it with other settings: another surrogate (same seed), not the cached one
+    c = ATTACKS.create("clean-label", surrogate_epochs=1, steps=2, min_poison=2, surrogate_recipe={"batch_size": 8})
+    m2 = c.surrogate_for(data)
+    assert m2 is not m1 and not all(torch.equal(p1, p2) for p1, p2 in zip(m1.parameters(), m2.parameters()))
     # the test-time trigger is the patch alone (no perturbation)
     t = poison_test(data, b, target=1, mode="clean-label")
     assert torch.equal(t.x, (b.apply_trigger(data.float_batch(data.y != 1)) * 255).round().to(torch.uint8))
@@ -228,6 +232,9 @@ def test_clean_label_needs_enough_target_samples_and_caches_its_surrogate():
     ("sig", {"delta": -0.1}, r"attack.delta: Input should be greater than or equal to 0"),
     ("clean-label", {"eps": -0.1}, r"attack.eps: Input should be greater than or equal to 0"),
     ("clean-label", {"surrogate": "resnet1000"}, r"unknown model 'resnet1000'; known: .*cnn"),
+    ("clean-label", {"surrogate_recipe": {"lr": 1.5}}, r"surrogate_recipe sets lr; give surrogate_lr instead"),
+    ("clean-label", {"surrogate_recipe": {"lookahaed": True}},
+     r"surrogate_recipe is not a valid train section \(lookahaed: Extra inputs are not permitted\)"),
     ("multiplicative", {"factor": 0}, r"attack.factor: Input should be greater than 0"),
     ("wanet", {"k": 1}, r"attack.k: Input should be greater than or equal to 2"),
     ("pruning-aware", {"trigger": {"name": 3}}, r"attack.trigger.name must name the data-poisoning attack"),

@@ -15,6 +15,7 @@ Deviations, and why:
   so the training set and the surrogate are not recomputed across runs of a grid. Its initial
   weights come from ``surrogate_seed`` (not from the caller's random state), so the same settings
   give the same surrogate in any process.
+  ``surrogate_recipe`` (our addition) trains it with the victim's own recipe, e.g. fastnet's.
 - PGD: ``steps`` steps of size ``step_size`` (default 2.5 eps / steps, Madry et al.) from a
   random start, maximising the cross-entropy of the true (target) label, in batches of 256.
 - ``amplitude`` < 1 blends the patch into the image (x' = (1 - a) x + a p in the patch area)
@@ -84,12 +85,32 @@ class CleanLabel(Attack):
     surrogate_epochs: int = Field(4, ge=1)
     surrogate_lr: float = Field(0.05, gt=0.0)
     surrogate_seed: int = Field(0, ge=0)
+    surrogate_recipe: dict[str, Any] = Field(default_factory=dict, description="the surrogate's training settings beyond "
+                                             "surrogate_epochs / surrogate_lr: keys of an experiment's train section, "
+                                             "e.g. the victim's recipe (configs/fastnet_cifar10.yaml)")
     min_poison: int = Field(10, ge=1, description="fewest poisoned samples accepted")
 
     def __post_init__(self) -> None:
         from backdoorlab.models import MODELS
 
         MODELS.get(self.surrogate)  # unknown name: one clear error listing the models
+        self._surrogate_config()  # a bad recipe: one clear error now, not after the data are loaded
+
+    def _surrogate_config(self):
+        from pydantic import ValidationError
+
+        from backdoorlab.train import TrainConfig
+
+        own = sorted({"epochs", "lr"} & set(self.surrogate_recipe))
+        if own:
+            raise BackdoorLabError(f"clean-label: surrogate_recipe sets {', '.join(own)}; give "
+                                   f"{' and '.join('surrogate_' + k for k in own)} instead")
+        try:
+            return TrainConfig(**{**self.surrogate_recipe, "epochs": self.surrogate_epochs, "lr": self.surrogate_lr})
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise BackdoorLabError(f"clean-label: surrogate_recipe is not a valid train section ({problems}); its keys "
+                                   "are those of an experiment's train section (backdoorlab.train.TrainConfig)") from None
 
     def describe(self) -> str:
         return f"clean-label(PGD {self.norm} eps {self.eps:.3g}, {self.pattern} {self.size}x{self.size})"
@@ -136,9 +157,10 @@ class CleanLabel(Attack):
     def surrogate_for(self, data: ImageSet) -> torch.nn.Module:
         """The surrogate trained on ``data`` (clean), from the in-process cache when there."""
         from backdoorlab.models import ModelSpec, build_model
-        from backdoorlab.train import TrainConfig, train
+        from backdoorlab.train import train
 
-        key = (_fingerprint(data), self.surrogate, self.surrogate_epochs, self.surrogate_lr, self.surrogate_seed)
+        cfg = self._surrogate_config()
+        key = (_fingerprint(data), self.surrogate, cfg.model_dump_json(), self.surrogate_seed)
         if key in _SURROGATES:
             _SURROGATES.move_to_end(key)
             return _SURROGATES[key]
@@ -146,7 +168,7 @@ class CleanLabel(Attack):
             torch.manual_seed(self.surrogate_seed)
             model = build_model(ModelSpec(self.surrogate, data.num_classes, data.shape))
         log.info("clean-label: training the surrogate %s for %d epochs", self.surrogate, self.surrogate_epochs)
-        train(model, data, TrainConfig(epochs=self.surrogate_epochs, lr=self.surrogate_lr), seed=self.surrogate_seed)
+        train(model, data, cfg, seed=self.surrogate_seed)
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
