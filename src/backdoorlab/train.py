@@ -16,7 +16,7 @@ from typing import Callable, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from backdoorlab.data.loader import Augment, TensorLoader
@@ -60,6 +60,17 @@ class TrainConfig(BaseModel):
         if self.decoupled_weight_decay:
             update.setdefault("weight_decay", self.weight_decay * lr / self.lr)
         return self.model_copy(update={**update, "lr": lr})
+
+
+def checked_train_config(where: str, settings: dict) -> TrainConfig:
+    """``TrainConfig(**settings)``, its validation errors as one :class:`BackdoorLabError` naming ``where``
+    (a method's recipe option, e.g. ``"abl: recipe"``)."""
+    try:
+        return TrainConfig(**settings)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise BackdoorLabError(f"{where} is not a valid train section ({problems}); its keys are those of an "
+                               "experiment's train section (backdoorlab.train.TrainConfig)") from None
 
 
 @dataclass

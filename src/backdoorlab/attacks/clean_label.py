@@ -97,20 +97,14 @@ class CleanLabel(Attack):
         self._surrogate_config()  # a bad recipe: one clear error now, not after the data are loaded
 
     def _surrogate_config(self):
-        from pydantic import ValidationError
-
-        from backdoorlab.train import TrainConfig
+        from backdoorlab.train import checked_train_config
 
         own = sorted({"epochs", "lr"} & set(self.surrogate_recipe))
         if own:
             raise BackdoorLabError(f"clean-label: surrogate_recipe sets {', '.join(own)}; give "
                                    f"{' and '.join('surrogate_' + k for k in own)} instead")
-        try:
-            return TrainConfig(**{**self.surrogate_recipe, "epochs": self.surrogate_epochs, "lr": self.surrogate_lr})
-        except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-            raise BackdoorLabError(f"clean-label: surrogate_recipe is not a valid train section ({problems}); its keys "
-                                   "are those of an experiment's train section (backdoorlab.train.TrainConfig)") from None
+        return checked_train_config("clean-label: surrogate_recipe", {**self.surrogate_recipe,
+                                                                      "epochs": self.surrogate_epochs, "lr": self.surrogate_lr})
 
     def describe(self) -> str:
         return f"clean-label(PGD {self.norm} eps {self.eps:.3g}, {self.pattern} {self.size}x{self.size})"
