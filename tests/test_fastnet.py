@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from backdoorlab.errors import BackdoorLabError
 from backdoorlab.models import ModelSpec, build_model, load_model, save_model
 from backdoorlab.train import (
     TrainConfig, autocast_dtype, bf16_autocast_supported, evaluate, lr_at, make_optimizer, train,
@@ -82,6 +83,10 @@ def test_defaults_unchanged_and_recipe_options():
         assert gr["lr"] * gr["weight_decay"] == pytest.approx(0.002)
     bn_biases = {id(m.bias) for m in fast.modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert {id(p) for p in next(g for g in groups if g["lr_scale"] == 64.0)["params"]} == bn_biases
+    plain_bias = build_model(ModelSpec("fastnet", 10, (3, 32, 32), {**SMALL, "bias_scale": 1.0}))
+    assert sorted(g["lr_scale"] for g in make_optimizer(plain_bias, rc).param_groups) == [1.0, 1.0]
+    with pytest.raises(BackdoorLabError, match="bias_scale must be > 0"):
+        build_model(ModelSpec("fastnet", 10, (3, 32, 32), {**SMALL, "bias_scale": 0}))
     from backdoorlab.train import set_lr
 
     opt = make_optimizer(fast, rc)

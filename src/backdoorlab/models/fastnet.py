@@ -7,7 +7,7 @@ their negatives; initialised from the data by :meth:`FastNet.init_from_data`, wh
 calls before the first step; weights frozen, bias trained), GELU, then three blocks of
 conv3x3 - maxpool2 - BN - GELU - conv3x3 - BN - GELU at widths 64-256-256, a global max pool, a
 linear head without bias and logits scaled by 1/9. Batch norm has frozen unit weights, a trained
-bias (whose learning rate the recipe scales by 64: :meth:`FastNet.param_groups`), eps 1e-12 and
+bias (whose learning rate the recipe scales by ``bias_scale``, the paper's 64: :meth:`FastNet.param_groups`), eps 1e-12 and
 running-statistics momentum 0.4 (the paper's 0.6 in its convention). Convolutions start with a
 Dirac (identity) init on their first input-channel many filters.
 
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backdoorlab.errors import BackdoorLabError
 from backdoorlab.models.base import Classifier, Normalize, default_stats
 from backdoorlab.models.registry import MODELS
 
@@ -65,7 +66,8 @@ class FastNet(Classifier):
     last_conv = "block3.conv2"
 
     def __init__(self, num_classes: int = 10, input_shape: tuple[int, int, int] = (3, 32, 32),
-                 widths: tuple[int, int, int] = (64, 256, 256), tta: bool = True, scale: float = 1 / 9) -> None:
+                 widths: tuple[int, int, int] = (64, 256, 256), tta: bool = True, scale: float = 1 / 9,
+                 bias_scale: float = 64.0) -> None:
         super().__init__(num_classes, input_shape)
         c = self.input_shape[0]
         w1, w2, w3 = (int(w) for w in widths)
@@ -78,6 +80,10 @@ class FastNet(Classifier):
         self.fc = nn.Linear(w3, num_classes, bias=False)
         self.tta = bool(tta)
         self.scale = float(scale)
+        if not bias_scale > 0:
+            raise BackdoorLabError(f"model 'fastnet': bias_scale must be > 0 (the batch-norm biases' learning-rate "
+                                   f"factor; the paper's 64), got {bias_scale}")
+        self.bias_scale = float(bias_scale)
         self.register_buffer("whitened", torch.zeros((), dtype=torch.bool))  # saved: a loaded model keeps its filters
 
     @torch.no_grad()
@@ -104,7 +110,7 @@ class FastNet(Classifier):
         bn_bias = [m.bias for m in self.modules() if isinstance(m, nn.BatchNorm2d)]
         ids = {id(p) for p in bn_bias}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        return [{"params": rest, "lr_scale": 1.0}, {"params": bn_bias, "lr_scale": 64.0}]
+        return [{"params": rest, "lr_scale": 1.0}, {"params": bn_bias, "lr_scale": self.bias_scale}]
 
     def conv_features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.whiten(self.norm(x)))
