@@ -19,7 +19,7 @@ class, the cells' setting) once per model (cached in ``--cache``), and compares 
   (:func:`nc_rows`), and score-level fusions (:func:`sum_rows`: the sum of the channels' scores in
   units of their thresholds, with ``--fuse`` the population's other inspectors as channels too).
 
-Calibration half: seed 0's models; evaluation half: seed 1's. Every threshold is fitted on the
+Calibration half: seed 0's models (and ``--extra-clean`` grids' clean models); evaluation half: seed 1's. Every threshold is fitted on the
 calibration half only (the smallest score above every clean calibration model) and reported on the
 evaluation half. Usage::
 
@@ -38,6 +38,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CAL_SEEDS: set[int] = {0}  # the calibration half's seeds (seed 0; ``--extra-clean`` adds its grid's seeds)
+
+
+def _cal(m: dict) -> bool:
+    """Is ``m`` in the calibration half?"""
+    return m["seed"] in CAL_SEEDS
 
 
 def _population_rows(grid: str, config: Path | None, limit: int | None = None, defenses: tuple[str, ...] = ("none",)):
@@ -119,7 +126,7 @@ def load_references(models: list[dict]) -> list[tuple[str, torch.nn.Module]]:
 
     refs = []
     for m in models:
-        if m["seed"] == 0 and m["attack"] == "none":
+        if _cal(m) and m["attack"] == "none":
             net = load_model(m["weights"], num_classes=m["norms"].shape[0], input_shape=tuple(m["images"].shape[2:]))
             refs.append((m["id"], net.eval()))
     return refs
@@ -182,8 +189,8 @@ def evaluate(models: list[dict], name: str, fn, own_threshold: float | None = No
     from backdoorlab import metrics as M
     from backdoorlab.population import calibrated_threshold, tpr_at_fpr
 
-    cal = [m for m in models if m["seed"] == 0]
-    ev = [m for m in models if m["seed"] != 0]
+    cal = [m for m in models if _cal(m)]
+    ev = [m for m in models if not _cal(m)]
     thr = own_threshold if own_threshold is not None else calibrated_threshold(
         [fn(m)[0] for m in cal if m["attack"] == "none"])
     sc = [fn(m) for m in ev]
@@ -202,40 +209,75 @@ def _shape(models: list[dict]) -> tuple[int, ...]:
     return tuple(models[0]["images"].shape[2:])
 
 
-def channel_zscores(models: list[dict], values) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def channel_zscores(models: list[dict], values, group=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per model, (pair z, target z) of ``values(m)`` ((K, K), positive, small = anomalous, as the
     pattern norms are) against the calibration half's clean models with the library's pair null:
-    leave-one-out for those models themselves, the full null for every other model."""
+    leave-one-out for those models themselves, the full null for every other model. With ``group``
+    (``m -> key``, e.g. the architecture) each model against the clean models of its own group only."""
     from backdoorlab.defenses._pair_null import fit
 
-    cal_clean = [m for m in models if m["seed"] == 0 and m["attack"] == "none"]
-    full = fit([values(c) for c in cal_clean], [c["reached"] for c in cal_clean], _shape(models))
+    key = group or (lambda m: None)
+    cal_clean = [m for m in models if _cal(m) and m["attack"] == "none"]
+    full: dict = {}
     out = {}
     for m in models:
-        others = [c for c in cal_clean if c is not m]
-        null = full if len(others) == len(cal_clean) else fit([values(c) for c in others], [c["reached"] for c in others], _shape(models))
+        peers = [c for c in cal_clean if key(c) == key(m)]
+        others = [c for c in peers if c is not m]
+        if len(others) == len(peers):
+            if key(m) not in full:
+                full[key(m)] = fit([values(c) for c in peers], [c["reached"] for c in peers], _shape(models))
+            null = full[key(m)]
+        else:
+            null = fit([values(c) for c in others], [c["reached"] for c in others], _shape(models))
         out[m["id"]] = null.zscores(values(m), m["reached"])
     return out
 
 
-def zscore_rule(models: list[dict], zs: dict):
+def zscore_rule(models: list[dict], zs: dict, group=None):
     """A model score from per-model (pair z, target z): the larger of max pair z and max target z,
     each over its threshold, the thresholds fitted on the calibration half's clean models (their
-    leave-one-out z: the larger of the largest and mean + 2.33 SD, as the library's null)."""
+    leave-one-out z: the larger of the largest and mean + 2.33 SD, as the library's null); with
+    ``group`` one pair of thresholds per group, from that group's clean models."""
     import math
 
     from backdoorlab.defenses._pair_null import _combined, _max_z, tail_threshold
 
-    cal_clean = [m for m in models if m["seed"] == 0 and m["attack"] == "none"]
-    tp = tail_threshold([_max_z(zs[m["id"]][0]) for m in cal_clean], default=math.inf)
-    tc = tail_threshold([float(zs[m["id"]][1].max()) for m in cal_clean], default=math.inf)
+    key = group or (lambda m: None)
+    cal_clean = [m for m in models if _cal(m) and m["attack"] == "none"]
+    thr = {}
+    for g in {key(m) for m in models}:
+        peers = [m for m in cal_clean if key(m) == g]
+        thr[g] = (tail_threshold([_max_z(zs[m["id"]][0]) for m in peers], default=math.inf),
+                  tail_threshold([float(zs[m["id"]][1].max()) for m in peers], default=math.inf))
 
     def fn(m: dict) -> tuple[float, set[int]]:
         pz, cz = zs[m["id"]]
+        tp, tc = thr[key(m)]
         named = {int(t) for _, t in torch.nonzero(torch.nan_to_num(pz, nan=-1.0) > tp).tolist()}
         named |= {int(t) for t in torch.nonzero(cz > tc).flatten().tolist()}
         return _combined(pz, cz, tp, tc), named
     return fn
+
+
+def arch_rows(models: list[dict]) -> list[dict]:
+    """The pair null fitted per architecture (the issue's "clean models of the suspect's architecture"):
+    each model's z-scores against the calibration half's clean models of its own architecture, with
+    thresholds per architecture or pooled over all of them; beside it the pooled null (the library's).
+    Per backdoored evaluation model: each variant's score in units of its threshold (* names the target)."""
+    arch = (lambda m: m["model"])
+    zp = channel_zscores(models, lambda m: m["norms"])
+    za = channel_zscores(models, lambda m: m["norms"], group=arch)
+    variants = {"pair null, pooled (the library's)": zscore_rule(models, zp),
+                "pair null per architecture, thresholds per architecture": zscore_rule(models, za, group=arch),
+                "pair null per architecture, pooled thresholds": zscore_rule(models, za)}
+    counts = {a: sum(_cal(m) and m["attack"] == "none" and m["model"] == a for m in models) for a in {arch(m) for m in models}}
+    print(f"clean calibration models per architecture: {counts}")
+    rows = [evaluated(models, name, fn, 1.0) for name, fn in variants.items()]
+    print("evaluation half, per model: score / its threshold (* names the true target)")
+    for m in sorted((m for m in models if not _cal(m)), key=lambda m: (m["attack"] == "none", m["model"], m["data"])):
+        print(f"  {m['data']:10s} {m['model']:8s} {m['attack']:12s} "
+              + "  ".join(f"{u:6.2f}{'*' if m['target'] in named else ' '}" for u, named in (f(m) for f in variants.values())))
+    return rows
 
 
 def calibration_auroc(models: list[dict], fn) -> float:
@@ -243,7 +285,7 @@ def calibration_auroc(models: list[dict], fn) -> float:
     variants may look at; the evaluation half is only reported."""
     from backdoorlab import metrics as M
 
-    cal = [m for m in models if m["seed"] == 0]
+    cal = [m for m in models if _cal(m)]
     s = torch.nan_to_num(torch.tensor([fn(m)[0] for m in cal], dtype=torch.float64), nan=-1e9, posinf=1e9, neginf=-1e9)
     return M.auroc(s, torch.tensor([m["attack"] != "none" for m in cal]))
 
@@ -282,7 +324,7 @@ def transfer_rows(models: list[dict]) -> list[dict]:
         return out
 
     for m in models:  # the evidence behind the table, evaluation half
-        if m["seed"] == 0:
+        if _cal(m):
             continue
         pz, cz = zn[m["id"]]
         t, src = m["target"], m["source"]
@@ -346,7 +388,7 @@ def inspector_units(models: list[dict], cells: dict[tuple, dict], name: str):
     those: the library's tail rule, max(largest, mean + 2.33 SD))."""
     from backdoorlab.defenses._pair_null import tail_threshold
 
-    cal_clean = [m for m in models if m["seed"] == 0 and m["attack"] == "none"]
+    cal_clean = [m for m in models if _cal(m) and m["attack"] == "none"]
 
     def raw(m: dict) -> tuple[float, bool]:
         mt = cells.get((m["data"], m["model"], m["attack"], m["seed"], name))
@@ -385,7 +427,7 @@ def fusion_rows(models: list[dict], null_score, cells: dict[tuple, dict], names:
         rows.append(evaluated(models, " OR ".join(keys) + " (each at its calibrated threshold)", fused(keys), 1.0))
     print("evaluation half, per model: score / its threshold (* the inspector names the true target)")
     for m in models:
-        if m["seed"] != 0:
+        if not _cal(m):
             print(f"  {m['data']:10s} {m['model']:8s} {m['attack']:12s} "
                   + "  ".join(f"{k} {u:5.2f}{'*' if hit else ' '}" for k, (u, hit) in ((k, f(m)) for k, f in channels.items())))
     return rows
@@ -405,7 +447,8 @@ def nc_scan(grid: str, cache: Path, limit: int | None, config: Path | None, imag
     return _scan_each(grid, cache, f"-nc{images}", scan, limit, config)
 
 
-def nc_rows(models: list[dict], cells: dict[tuple, dict] | None = None, names: tuple[str, ...] = ()) -> list[dict]:
+def nc_rows(models: list[dict], cells: dict[tuple, dict] | None = None, names: tuple[str, ...] = (),
+            per_arch: bool = False) -> list[dict]:
     """Neural Cleanse's per-target mask norms as model scores (issue 22 item 4): the paper's MAD
     index of the L1 norms (threshold 2, and fitted on the calibration half), the same index of the
     log norms (a trigger's norm is a scale: one planted target among natural ones spans a factor of
@@ -429,7 +472,7 @@ def nc_rows(models: list[dict], cells: dict[tuple, dict] | None = None, names: t
     def resid(m: dict) -> torch.Tensor:
         return target_residuals(m["nc_norms"])
 
-    cal_clean = [m for m in models if m["seed"] == 0 and m["attack"] == "none"]
+    cal_clean = [m for m in models if _cal(m) and m["attack"] == "none"]
 
     def target_null(sd_rule: str):
         """Variants of the target null measured beside the library's (``fit_targets``)."""
@@ -447,16 +490,31 @@ def nc_rows(models: list[dict], cells: dict[tuple, dict] | None = None, names: t
             return float(zz.max()) / thr, {int(t) for t in torch.nonzero(zz > thr).flatten().tolist()}
         return fn
 
-    shape = _shape(models)
-    full = fit_targets([c["nc_norms"] for c in cal_clean], [c["nc_reached"] for c in cal_clean], shape)
-
-    def library(m: dict) -> tuple[float, set[int]]:
+    def library_null(group=None):
         """The library's TargetNull (what `backdoorlab calibrate --inspector neural-cleanse` fits) of the
-        calibration half's clean models; leave-one-out for those models themselves."""
-        null = full if all(c is not m for c in cal_clean) else fit_targets(
-            [c["nc_norms"] for c in cal_clean if c is not m], [c["nc_reached"] for c in cal_clean if c is not m], shape)
-        z = null.zscores(m["nc_norms"], m["nc_reached"])
-        return null.score(m["nc_norms"], m["nc_reached"]), {int(t) for t in torch.nonzero(z > null.threshold).flatten().tolist()}
+        calibration half's clean models (with ``group``, those of the model's group only); leave-one-out
+        for those models themselves."""
+        key = group or (lambda m: None)
+        shape = _shape(models)
+        nulls: dict = {}
+
+        def null_for(m: dict):
+            peers = [c for c in cal_clean if key(c) == key(m) and c is not m]
+            fresh = any(c is m for c in cal_clean)
+            if fresh or key(m) not in nulls:
+                got = fit_targets([c["nc_norms"] for c in peers], [c["nc_reached"] for c in peers], shape)
+                if fresh:
+                    return got
+                nulls[key(m)] = got
+            return nulls[key(m)]
+
+        def fn(m: dict) -> tuple[float, set[int]]:
+            null = null_for(m)
+            z = null.zscores(m["nc_norms"], m["nc_reached"])
+            return null.score(m["nc_norms"], m["nc_reached"]), {int(t) for t in torch.nonzero(z > null.threshold).flatten().tolist()}
+        return fn
+
+    library = library_null()
 
     rows = []
     tn = library
@@ -476,12 +534,28 @@ def nc_rows(models: list[dict], cells: dict[tuple, dict] | None = None, names: t
             return max(a, b), (na if a > 1.0 else set()) | (nb if b > 1.0 else set())
         for name, fn in [("pair null (library)", lib), ("pair null OR NC target null (floored SD)", either)]:
             rows.append(evaluated(models, name, fn, 1.0))
+        if per_arch:  # both nulls fitted on the clean models of the model's own architecture
+            arch = (lambda m: m["model"])
+            lib_a = zscore_rule(models, channel_zscores(models, lambda m: m["norms"], group=arch), group=arch)
+            tn_a = library_null(arch)
+
+            def either_a(m: dict) -> tuple[float, set[int]]:
+                (a, na), (b, nb) = lib_a(m), tn_a(m)
+                return max(a, b), (na if a > 1.0 else set()) | (nb if b > 1.0 else set())
+            for name, fn in [("NC target null per architecture", tn_a), ("pair null per architecture", lib_a),
+                             ("pair null OR NC target null, both per architecture", either_a)]:
+                rows.append(evaluated(models, name, fn, 1.0))
+            print("evaluation half, per architecture nulls: score / its threshold (* names the true target)")
+            for m in sorted((m for m in models if not _cal(m)), key=lambda m: (m["attack"] == "none", m["model"], m["data"])):
+                got = [(k, f(m)) for k, f in (("pair null", lib_a), ("NC target null", tn_a))]
+                print(f"  {m['data']:10s} {m['model']:8s} {m['attack']:12s} "
+                      + "  ".join(f"{k} {u:6.2f}{'*' if m['target'] in named else ' '}" for k, (u, named) in got))
         channels = {"pair null": lib, "NC target null": tn,
                     **{n: inspector_units(models, cells or {}, n) for n in names}}
         rows += sum_rows(models, channels)
         print("evaluation half, per model: score / its threshold (* names the true target)")
         for m in models:
-            if m["seed"] != 0:
+            if not _cal(m):
                 got = [(k, f(m)) for k, f in (("pair null", lib), ("NC target null", tn))]
                 print(f"  {m['data']:10s} {m['model']:8s} {m['attack']:12s} "
                       + "  ".join(f"{k} {u:6.2f}{'*' if m['target'] in named else ' '}" for k, (u, named) in got))
@@ -501,7 +575,7 @@ def sum_rows(models: list[dict], channels: dict) -> list[dict]:
     from backdoorlab.defenses._pair_null import tail_threshold
 
     zs = channel_zscores(models, lambda m: m["norms"])
-    cal_clean = [m for m in models if m["seed"] == 0 and m["attack"] == "none"]
+    cal_clean = [m for m in models if _cal(m) and m["attack"] == "none"]
 
     def top(m: dict) -> int:
         return int(torch.nan_to_num(zs[m["id"]][1], nan=-1e9).argmax())
@@ -519,10 +593,33 @@ def sum_rows(models: list[dict], channels: dict) -> list[dict]:
             rows.append(evaluated(models, name, fn, thr))
     print("evaluation half, per model: each channel's score / its threshold (* the pair null's top target is the true one)")
     for m in models:
-        if m["seed"] != 0:
+        if not _cal(m):
             print(f"  {m['data']:10s} {m['model']:8s} {m['attack']:12s}{'*' if top(m) == m['target'] else ' '} "
                   + "  ".join(f"{k} {float(f(m)[0]):6.2f}" for k, f in channels.items()))
     return rows
+
+
+def load_models(args, params: dict) -> list[dict]:
+    """The population's models with their pairwise scans (and Neural Cleanse's with ``--nc``), then
+    the ``--extra-clean`` grids' models, which join the calibration half."""
+    from backdoorlab.grid import load_grid
+
+    def scanned(grid: str, config: Path | None) -> list[dict]:
+        models = scan_population(grid, args.cache, params, args.limit, config)
+        if args.nc:
+            nc = {m["id"]: m for m in nc_scan(grid, args.cache, args.limit, config, args.nc)}
+            for m in models:
+                m.update({k: v for k, v in nc[m["id"]].items() if k not in m})
+        return models
+
+    models = scanned(args.grid, args.config)
+    for extra in args.extra_clean:  # more clean models for the calibration half only
+        more = scanned(load_grid(extra).name, extra)
+        if any(m["attack"] != "none" for m in more) or {m["seed"] for m in more} & {m["seed"] for m in models}:
+            raise SystemExit(f"{extra}: give a grid of clean models only, with seeds the population does not use")
+        CAL_SEEDS.update(m["seed"] for m in more)
+        models += more
+    return models
 
 
 def learned_only(models: list[dict]) -> list[dict]:
@@ -550,6 +647,13 @@ def main() -> None:
     ap.add_argument("--fuse", default=None, metavar="NAMES",
                     help="inspectors of the population run to OR with the pair null, e.g. neural-cleanse,bias-maps "
                          "(their cells from the store)")
+    ap.add_argument("--extra-clean", type=Path, action="append", default=[], metavar="YAML",
+                    help="a grid of clean models only (e.g. configs/populations/mnist_clean_extra.yaml, run with "
+                         "`backdoorlab bench` into the same store): its models join the calibration half")
+    ap.add_argument("--calibration-seed", type=int, default=0,
+                    help="the population's seed that calibrates (the other seeds are reported): 1 swaps the halves")
+    ap.add_argument("--per-arch", action="store_true",
+                    help="also the pair null fitted per architecture (needs several clean calibration models each)")
     ap.add_argument("--nc", type=int, default=None, metavar="IMAGES",
                     help="instead: Neural Cleanse's statistics over the population (this many clean images per class, "
                          "the population cells' setting; scans cached in --cache)")
@@ -561,25 +665,23 @@ def main() -> None:
         return {k: (int(v) if v.isdigit() else v) for k, v in (p.split("=", 1) for p in items)}
 
     params = parse(args.set)
+    CAL_SEEDS.clear()
+    CAL_SEEDS.add(args.calibration_seed)
+    models = load_models(args, params)
     if args.nc:
-        models = nc_scan(args.grid, args.cache, args.limit, args.config, args.nc)
-        pairwise = {m["id"]: m for m in scan_population(args.grid, args.cache, params, args.limit, args.config)}
-        for m in models:
-            m.update({k: v for k, v in pairwise[m["id"]].items() if k not in m})
         names = tuple(args.fuse.split(",")) if args.fuse else ()
         cells = inspector_scores(args.grid, args.config, names) if names else None
-        rows = nc_rows(learned_only(models), cells, names)
+        rows = nc_rows(learned_only(models), cells, names, per_arch=args.per_arch)
         show(rows)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
         return
-    models = scan_population(args.grid, args.cache, params, args.limit, args.config)
     learned = learned_only(models)
     if args.transfer:
         add_transfer(learned, args.cache)
     from backdoorlab.defenses._pair_null import fit
 
-    cal_clean = [m for m in learned if m["seed"] == 0 and m["attack"] == "none"]
+    cal_clean = [m for m in learned if _cal(m) and m["attack"] == "none"]
     null = fit([m["norms"] for m in cal_clean], [m["reached"] for m in cal_clean], _shape(learned), "calibration half")
     print(f"null: {null.describe()}")
     lib = zscore_rule(learned, channel_zscores(learned, lambda m: m["norms"]))
@@ -590,15 +692,20 @@ def main() -> None:
             evaluate(learned, "pair-null (library), its leave-one-out threshold", lambda m: score_null(null, m),
                      own_threshold=1.0),
             evaluate(learned, "pair-null, threshold fitted on the calibration half", lambda m: score_null(null, m))]
-    for kind in sorted({m["attack"] for m in learned if m["seed"] != 0 and m["attack"] != "none"}):
+    for kind in sorted({m["attack"] for m in learned if not _cal(m) and m["attack"] != "none"}):
         sub = [m for m in learned if m["attack"] in ("none", kind)]
         r = evaluate(sub, f"  pair-null on {kind}", lambda m: score_null(null, m), own_threshold=1.0)
         rows.append(r)
     for arch in sorted({m["model"] for m in learned}):
         sub = [m for m in learned if m["model"] == arch]
-        if any(m["seed"] != 0 and m["attack"] == "none" for m in sub) and any(m["seed"] != 0 and m["attack"] != "none" for m in sub):
+        if any(not _cal(m) and m["attack"] == "none" for m in sub) and any(not _cal(m) and m["attack"] != "none" for m in sub):
             rows.append(evaluate(sub, f"  pair-null on {arch}", lambda m: score_null(null, m), own_threshold=1.0))
     show(rows)
+    if args.per_arch:
+        print(f"\nthe pair null per architecture (calibration seeds {sorted(CAL_SEEDS)}; calibration_auroc: the calibration half's)")
+        more = arch_rows(learned)
+        show(more)
+        rows += more
     if args.transfer:
         print("\ntransfer and locality (calibration_auroc: on the calibration half, the only one a choice may use)")
         more = transfer_rows(learned)
