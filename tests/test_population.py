@@ -114,3 +114,25 @@ def test_an_attack_mode_the_attack_cannot_run_is_refused_when_the_grid_loads(tmp
     ok["attacks"][1]["mode"] = "clean-label"
     grid.write_text(yaml.safe_dump(ok))
     assert {c.attack for c in load_grid(grid).cells} == {"none", "sig-a2o"}
+
+
+def test_extra_clean_models_match_the_mnist_population():
+    """configs/populations/mnist_clean_extra.yaml (more clean calibration models for the per-architecture
+    nulls, docs/populations.md) trains the population's settings clean, with seeds the population does
+    not use: the same data, models, base training and overrides, so that its models are draws of the same
+    clean distribution."""
+    from pathlib import Path
+
+    import yaml
+
+    from backdoorlab.grid import load_grid
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "populations"
+    pop, extra = (yaml.safe_load((root / f).read_text()) for f in ("mnist.yaml", "mnist_clean_extra.yaml"))
+    for key in ("base", "datasets", "models", "overrides"):
+        assert extra[key] == pop[key], key
+    assert extra["attacks"] == [None] and not extra.get("defenses")
+    assert not set(extra["seeds"]) & set(pop["seeds"])
+    g = load_grid(root / "mnist_clean_extra.yaml")
+    assert len(g.cells) == len(pop["datasets"]) * len(pop["models"]) * len(extra["seeds"])
+    assert {c.attack for c in g.cells} == {"none"}
