@@ -529,21 +529,14 @@ def nc_rows(models: list[dict], cells: dict[tuple, dict] | None = None, names: t
     if "norms" in models[0]:  # the pairwise scans too: the pair null OR the target null
         lib = zscore_rule(models, channel_zscores(models, lambda m: m["norms"]))
 
-        def either(m: dict) -> tuple[float, set[int]]:
-            (a, na), (b, nb) = lib(m), tn(m)
-            return max(a, b), (na if a > 1.0 else set()) | (nb if b > 1.0 else set())
-        for name, fn in [("pair null (library)", lib), ("pair null OR NC target null (floored SD)", either)]:
+        for name, fn in [("pair null (library)", lib), ("pair null OR NC target null (floored SD)", either(lib, tn))]:
             rows.append(evaluated(models, name, fn, 1.0))
         if per_arch:  # both nulls fitted on the clean models of the model's own architecture
             arch = (lambda m: m["model"])
             lib_a = zscore_rule(models, channel_zscores(models, lambda m: m["norms"], group=arch), group=arch)
             tn_a = library_null(arch)
-
-            def either_a(m: dict) -> tuple[float, set[int]]:
-                (a, na), (b, nb) = lib_a(m), tn_a(m)
-                return max(a, b), (na if a > 1.0 else set()) | (nb if b > 1.0 else set())
             for name, fn in [("NC target null per architecture", tn_a), ("pair null per architecture", lib_a),
-                             ("pair null OR NC target null, both per architecture", either_a)]:
+                             ("pair null OR NC target null, both per architecture", either(lib_a, tn_a))]:
                 rows.append(evaluated(models, name, fn, 1.0))
             print("evaluation half, per architecture nulls: score / its threshold (* names the true target)")
             for m in sorted((m for m in models if not _cal(m)), key=lambda m: (m["attack"] == "none", m["model"], m["data"])):
@@ -560,6 +553,15 @@ def nc_rows(models: list[dict], cells: dict[tuple, dict] | None = None, names: t
                 print(f"  {m['data']:10s} {m['model']:8s} {m['attack']:12s} "
                       + "  ".join(f"{k} {u:6.2f}{'*' if m['target'] in named else ' '}" for k, (u, named) in got))
     return rows
+
+
+def either(f, g):
+    """The OR of two verdicts in units of their thresholds: the larger score; the targets each names
+    when it is above its threshold."""
+    def fn(m: dict) -> tuple[float, set[int]]:
+        (a, na), (b, nb) = f(m), g(m)
+        return max(a, b), (na if a > 1.0 else set()) | (nb if b > 1.0 else set())
+    return fn
 
 
 def sum_rows(models: list[dict], channels: dict) -> list[dict]:
