@@ -66,7 +66,8 @@ def audit(
 
 @handles_errors
 def calibrate(
-    model: List[Path] = typer.Option(..., "--model", help="a clean model of the data (repeatable, 3 or more; any format `audit` takes)"),
+    model: List[Path] = typer.Option(..., "--model", help="a clean model of the data (repeatable, 3 or more; any format `audit` takes; "
+                                     "best: 10 or more of the suspect's own architecture, docs/populations.md)"),
     data: str = typer.Option(..., "--data", help="clean images, as for `audit` (the same images you will audit with)"),
     out_file: Path = typer.Option(..., "--out", help="the calibration file to write (.safetensors)"),
     arch: Optional[str] = typer.Option(None, "--arch", help="architecture for plain safetensors weights"),
