@@ -122,6 +122,20 @@ def test_calibrate_then_audit_cli(model_files):
     assert r.exit_code == 2 and "budget 130000 (here None)" in r.output and not (model_files / "a5").exists()
     r = runner.invoke(app, ["calibrate", "--model", "clean0.pt", *common, "--out", "x.safetensors"])
     assert r.exit_code == 2 and "at least 3 clean models" in r.output and not (model_files / "x.safetensors").exists()
+    # the pairwise verdict against a null of another architecture says so (the suspect's registered name)
+    import dataclasses
+    from types import SimpleNamespace
+
+    from backdoorlab.defenses.pairwise import PairwiseTriggerInspector
+
+    null = dataclasses.replace(PairNull.load(model_files / "null.safetensors"), architectures=("lenet", "mlp", "mlp"))
+    suspect = Variant(11)
+    suspect.spec = SimpleNamespace(name="cnn")
+    res = PairwiseTriggerInspector(calibration=str(null.save(model_files / "null-mlp.safetensors")),
+                                   images_per_class=30).inspect(suspect, quadrant_data(30, 0))
+    assert "(4 models on 5 classes; lenet x1, mlp x2)" in res.threshold_source
+    assert res.threshold_source.endswith("is not among the calibration models' (lenet, mlp): calibrate on clean models "
+                                         "of its architecture") and not res.backdoored
 
 
 def _target_norms(seed: int, planted: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,6 +191,22 @@ def test_calibrate_neural_cleanse_cli_then_its_calibrated_verdict(model_files):
     assert "calibrated on 4 clean models" in bad.threshold_source
     ok = insp.inspect(Variant(11), c)
     assert not ok.backdoored and ok.max_anomaly < 0.7
+    # a null of other architectures than the suspect's says so in the verdict (docs/populations.md)
+    import dataclasses
+    from types import SimpleNamespace
+
+    null = TargetNull.load(model_files / "nc.safetensors")
+    assert null.architectures == ("unknown",) * 4  # TorchScript models carry no registered name
+    mlp = dataclasses.replace(null, architectures=("mlp",) * 4).save(model_files / "nc-mlp.safetensors")
+    back = TargetNull.load(mlp)
+    assert back.architectures == ("mlp",) * 4 and "mlp x4" in back.describe()
+    suspect = Variant(11)
+    suspect.spec = SimpleNamespace(name="cnn")
+    res = NeuralCleanse(calibration=str(mlp)).inspect(suspect, c)
+    assert "architecture 'cnn' is not among the calibration models' (mlp)" in res.threshold_source
+    assert res.max_anomaly == pytest.approx(ok.max_anomaly)  # the note changes what is said, not the verdict
+    suspect.spec = SimpleNamespace(name="mlp")
+    assert back.architecture_note(suspect) == "" and null.architecture_note(suspect) == ""
     with pytest.raises(BackdoorLabError, match="images_per_class 10 \\(here 20\\)"):
         NeuralCleanse(calibration=str(model_files / "nc.safetensors"), images_per_class=20).inspect(Variant(11), c)
     r = runner.invoke(app, ["calibrate", "--inspector", "bias-maps", *[a for i in range(4) for a in ("--model", f"clean{i}.pt")],

@@ -297,8 +297,9 @@ def calibrate(models: list[ModelLike], clean: DataLike, out: Any, *, pi: float =
         per_model.append({"model": str(m) if not hasattr(m, "forward") else type(m).__name__,
                           "seconds": round(time.perf_counter() - t1, 3)})
     source = f"{len(models)} models on {clean_set.num_classes} classes"
+    archs = [getattr(getattr(net, "spec", None), "name", None) or "unknown" for net in nets]
     null = (fit if inspector == "pairwise" else fit_targets)(norms, reached, clean_set.shape, source=source,
-                                                             scan=insp.scan_settings())
+                                                             scan=insp.scan_settings(), architectures=archs)
     path = null.save(Path(out))
     return CalibrationReport(null, path, per_model, time.perf_counter() - t0)
 

@@ -29,6 +29,7 @@ the norm's z, or gating it; each lowered the evaluation half's AUROC (0.933 -> 0
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,13 +71,30 @@ class _NullFile:
     input_shape: tuple[int, ...]
     source: str
     scan: dict
+    architectures: tuple[str, ...]  # of the clean models, where known (a model's registered name)
 
     @property
     def num_classes(self) -> int:
         raise NotImplementedError
 
     def _calibrated_on(self) -> str:
-        return f"calibrated on {self.n_models} clean models{f' ({self.source})' if self.source else ''}"
+        archs = sorted(set(self.architectures))
+        counts = ", ".join(f"{a} x{self.architectures.count(a)}" for a in archs)
+        said = "; ".join(x for x in (self.source, counts) if x)
+        return f"calibrated on {self.n_models} clean models{f' ({said})' if said else ''}"
+
+    def architecture_note(self, model: object) -> str:
+        """'' or why the verdict may not hold: the suspect's architecture (a registered model's name) is
+        not among the clean models' (a null of other architectures raises more false alarms and finds fewer
+        backdoors: docs/populations.md, "Nulls per architecture")."""
+        name = getattr(getattr(model, "spec", None), "name", None)
+        known = sorted({a for a in self.architectures if a != "unknown"})
+        if name is None or not known or name in known:
+            return ""
+        note = (f"the suspect's architecture {name!r} is not among the calibration models' ({', '.join(known)}): "
+                "calibrate on clean models of its architecture")
+        logging.getLogger(__name__).warning("%s", note)
+        return f"; {note}"
 
     def check(self, num_classes: int, input_shape: Sequence[int], scan: dict | None = None) -> None:
         """Refuse a suspect of another task, or scanned with other settings than the clean models."""
@@ -103,7 +121,8 @@ class _NullFile:
         from backdoorlab.atomic import atomic_write_bytes
 
         meta = {"kind": self.KIND, "n_models": str(self.n_models), "input_shape": json.dumps(list(self.input_shape)),
-                "source": self.source, "scan": json.dumps(self.scan), **self._meta()}
+                "source": self.source, "scan": json.dumps(self.scan), "architectures": json.dumps(list(self.architectures)),
+                **self._meta()}
         blob = st_save({k: v.contiguous() for k, v in self._tensors().items()}, metadata=meta)
         atomic_write_bytes(Path(path), blob)
         return Path(path)
@@ -132,7 +151,8 @@ class _NullFile:
                                    f"{cls.FOR} (`backdoorlab calibrate --inspector {cls.FOR}`)")
         try:
             return cls._build(t, meta, (int(meta["n_models"]), tuple(json.loads(meta["input_shape"])),
-                                        meta.get("source", ""), json.loads(meta.get("scan", "{}"))))
+                                        meta.get("source", ""), json.loads(meta.get("scan", "{}")),
+                                        tuple(str(a) for a in json.loads(meta.get("architectures", "[]")))))
         except Exception as e:
             raise BackdoorLabError(f"{p} is not a backdoorlab calibration file ({type(e).__name__}); "
                                    "write one with `backdoorlab calibrate`") from None
@@ -159,6 +179,7 @@ class PairNull(_NullFile):
     input_shape: tuple[int, ...]
     source: str = ""
     scan: dict = field(default_factory=dict)  # the scan settings it was fitted with (a suspect must use the same)
+    architectures: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -204,6 +225,7 @@ class TargetNull(_NullFile):
     input_shape: tuple[int, ...]
     source: str = ""
     scan: dict = field(default_factory=dict)
+    architectures: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -284,7 +306,7 @@ def _check_models(classes: list[int]) -> int:
 
 
 def fit(norms: Sequence[torch.Tensor], reached: Sequence[torch.Tensor], input_shape: Sequence[int],
-        source: str = "", scan: dict | None = None) -> PairNull:
+        source: str = "", scan: dict | None = None, architectures: Sequence[str] = ()) -> PairNull:
     """The null of ``norms`` ((K, K) per clean model; ``reached`` the pairs that reached pi), with
     leave-one-out thresholds. Needs 3 or more models."""
     n = _check_models([int(x.shape[0]) for x in norms])
@@ -302,11 +324,11 @@ def fit(norms: Sequence[torch.Tensor], reached: Sequence[torch.Tensor], input_sh
     pm, psd = _mean_sd(res)
     cm, csd = _mean_sd(col)
     return PairNull(pm.float(), psd.float(), cm.float(), csd.float(), tail_threshold(pair_max), tail_threshold(col_max), n,
-                    tuple(int(s) for s in input_shape), source, dict(scan or {}))
+                    tuple(int(s) for s in input_shape), source, dict(scan or {}), tuple(architectures))
 
 
 def fit_targets(values: Sequence[torch.Tensor], reached: Sequence[torch.Tensor], input_shape: Sequence[int],
-                source: str = "", scan: dict | None = None) -> TargetNull:
+                source: str = "", scan: dict | None = None, architectures: Sequence[str] = ()) -> TargetNull:
     """The null of ``values`` ((K,) per clean model, positive, small = suspicious; ``reached`` the
     targets whose search succeeded), with a leave-one-out threshold. Needs 3 or more models."""
     n = _check_models([int(x.numel()) for x in values])
@@ -317,4 +339,4 @@ def fit_targets(values: Sequence[torch.Tensor], reached: Sequence[torch.Tensor],
         maxima.append(float(_target_z(mu, sd, values[i], reached[i]).max()))
     mu, sd = _mean_sd(res)
     return TargetNull(mu.float(), sd.float(), tail_threshold(maxima), n, tuple(int(s) for s in input_shape), source,
-                      dict(scan or {}))
+                      dict(scan or {}), tuple(architectures))

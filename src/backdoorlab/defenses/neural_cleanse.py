@@ -127,7 +127,7 @@ class NeuralCleanse(Inspector):
         else:  # in units of the calibrated threshold
             z = null.zscores(norms, found)
             anomaly = (z / null.threshold).float()
-            threshold, source = 1.0, null.describe()
+            threshold, source = 1.0, null.describe() + null.architecture_note(model)
             details.update(target_z=z.float(), target_threshold=null.threshold)
         flagged = [int(t) for t in torch.nonzero((anomaly > threshold) & found).flatten().tolist()]
         flagged.sort(key=lambda t: -float(anomaly[t]))

@@ -216,7 +216,7 @@ class PairwiseTriggerInspector(_TriggerSearch, Inspector):
             null.check(clean.num_classes, clean.shape, self.scan_settings())
         est = self.estimate(model, clean)
         if null is not None:
-            return self._calibrated(est, null, time.perf_counter() - t0)
+            return self._calibrated(est, null, time.perf_counter() - t0, note=null.architecture_note(model))
         norms = est["norms"]
         k = clean.num_classes
         target_anomaly = torch.full((k,), float("nan"))
@@ -243,7 +243,7 @@ class PairwiseTriggerInspector(_TriggerSearch, Inspector):
                      "seconds": time.perf_counter() - t0},
         )
 
-    def _calibrated(self, est: dict, null: PairNull, seconds: float) -> InspectionResult:
+    def _calibrated(self, est: dict, null: PairNull, seconds: float, note: str = "") -> InspectionResult:
         """The verdict against a null of clean models (:mod:`._pair_null`). The anomaly of a pair is
         the larger of its pair z and its target's z, each in units of its calibrated threshold, so
         the threshold is 1."""
@@ -260,7 +260,7 @@ class PairwiseTriggerInspector(_TriggerSearch, Inspector):
         ranking = [(int(i) // k, int(i) % k, float(norms.flatten()[i]), float(pz.flatten()[i])) for i in order]
         return InspectionResult(
             backdoored=bool(flagged or targets), flagged_pairs=flagged, flagged_targets=targets, scores=norms,
-            anomaly=anomaly, patterns=est["patterns"], threshold=1.0, threshold_source=null.describe(),
+            anomaly=anomaly, patterns=est["patterns"], threshold=1.0, threshold_source=null.describe() + note,
             details={"pair_z": pz.float(), "target_z": cz.float(), "pair_threshold": null.threshold,
                      "target_threshold": null.target_threshold, "statistic": "min-norm, calibrated", "norm": self.norm,
                      "reached": reached, "ranking": ranking, "seconds": seconds})
